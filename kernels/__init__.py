@@ -1,0 +1,1 @@
+"""sloth_kernels: Triton kernels for 4-bit LoRA training, each with a PyTorch reference, and a model patcher."""

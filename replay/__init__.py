@@ -1,0 +1,1 @@
+"""sloth_replay: the replay store (SQLite) and example selection/mixing for continual updates."""
