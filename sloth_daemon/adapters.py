@@ -1,0 +1,163 @@
+"""Adapter registry: immutable LoRA adapter versions on disk and the pointer to the one being served.
+
+Layout under `<state>/adapters/`:
+    v000001/            a peft adapter folder (adapter_config.json, adapter_model.safetensors) + sloth_adapter.json
+    .staging-<hex>/     an adapter being written; never served; removed at start (a crash left it)
+    CURRENT             the promoted version being served ("" or absent = base model)
+
+Contract:
+- `commit(staging)` turns a fully written staging folder into the next version atomically: files and folder are
+  fsynced, then the folder is renamed to `vNNNNNN`. A version folder therefore either holds a complete adapter or
+  does not exist. Weights are never rewritten; only `sloth_adapter.json` (status, metrics, reason) changes.
+- `set_current` replaces CURRENT atomically (temp file, fsync, rename); only `promoted` versions can be current.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+META_FILE = "sloth_adapter.json"
+_VERSION_RE = re.compile(r"^v(\d{6})$")
+
+AdapterStatus = Literal["candidate", "promoted", "rejected"]
+
+
+class AdapterInfo(BaseModel):
+    version: str
+    parent: str | None = None
+    created_at: str
+    status: AdapterStatus = "candidate"
+    update_id: int | None = None
+    metrics: dict = {}
+    reason: str | None = None
+
+
+class AdapterNotFound(LookupError):
+    pass
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file below `path`, then each folder, so a later rename publishes durable content."""
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def version_name(n: int) -> str:
+    return f"v{n:06d}"
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- staging and commit -------------------------------------------------------------------------------------
+    def cleanup_staging(self) -> list[str]:
+        """Remove half-written adapters left by a crash. Returns the names removed."""
+        removed = []
+        for p in self.root.glob(".staging-*"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+        return removed
+
+    def new_staging_dir(self) -> Path:
+        p = self.root / f".staging-{uuid.uuid4().hex[:12]}"
+        p.mkdir()
+        return p
+
+    def _numbers(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_RE.match(p.name)) and p.is_dir())
+
+    def commit(self, staging: Path, *, parent: str | None, update_id: int | None, metrics: dict | None = None) -> AdapterInfo:
+        if not (staging / "adapter_config.json").exists():
+            raise ValueError(f"{staging} holds no adapter (adapter_config.json missing)")
+        nums = self._numbers()
+        version = version_name((nums[-1] if nums else 0) + 1)
+        info = AdapterInfo(
+            version=version,
+            parent=parent,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            update_id=update_id,
+            metrics=metrics or {},
+        )
+        (staging / META_FILE).write_text(info.model_dump_json(indent=2))
+        fsync_tree(staging)
+        os.rename(staging, self.root / version)  # atomic publish; fails loudly if the name exists
+        _fsync_dir(self.root)
+        return info
+
+    # -- lookup ---------------------------------------------------------------------------------------------------
+    def path(self, version: str) -> Path:
+        p = self.root / version
+        if not _VERSION_RE.match(version) or not (p / META_FILE).exists():
+            raise AdapterNotFound(f"no adapter version {version!r}")
+        return p
+
+    def get(self, version: str) -> AdapterInfo:
+        return AdapterInfo.model_validate_json((self.path(version) / META_FILE).read_text())
+
+    def list(self) -> list[AdapterInfo]:
+        out = []
+        for n in self._numbers():
+            meta = self.root / version_name(n) / META_FILE
+            if meta.exists():
+                out.append(AdapterInfo.model_validate_json(meta.read_text()))
+        return out
+
+    def update_meta(self, version: str, *, status: AdapterStatus | None = None, reason: str | None = None,
+                    metrics: dict | None = None) -> AdapterInfo:
+        info = self.get(version)
+        changes = {k: v for k, v in {"status": status, "reason": reason, "metrics": metrics}.items() if v is not None}
+        info = info.model_copy(update=changes)
+        atomic_write_text(self.path(version) / META_FILE, info.model_dump_json(indent=2))
+        return info
+
+    # -- the served pointer ---------------------------------------------------------------------------------------
+    def current(self) -> str | None:
+        f = self.root / "CURRENT"
+        if not f.exists():
+            return None
+        v = f.read_text().strip()
+        return v or None
+
+    def set_current(self, version: str | None) -> None:
+        if version is not None and self.get(version).status != "promoted":
+            raise ValueError(f"{version} is not a promoted adapter")
+        atomic_write_text(self.root / "CURRENT", (version or "") + "\n")
+
+    def to_json(self) -> list[dict]:
+        cur = self.current()
+        return [dict(json.loads(a.model_dump_json()), current=a.version == cur) for a in self.list()]

@@ -1,0 +1,215 @@
+"""Daemon configuration: one validated pydantic model built from defaults < TOML file < environment < CLI flags.
+
+Contract:
+- `load_config(path, env, overrides)` returns a `DaemonConfig` or raises `ConfigError` whose message names the key
+  (dotted, as in the TOML file, e.g. `train.learning_rate`) and the environment variable that sets it.
+- Every setting can be set from the environment as `SLOTH_<KEY>` for top-level keys (`SLOTH_PORT`,
+  `SLOTH_STATE_DIR`) and `SLOTH_<SECTION>_<KEY>` for sectioned ones (`SLOTH_TRAIN_STEPS`,
+  `SLOTH_SCHEDULE_MIN_NEW_EXAMPLES`). Values from the environment are parsed as TOML scalars when they parse
+  (so `SLOTH_TRAIN_STEPS=40` is an int), else kept as strings.
+- Precedence: flag > env > config file > default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "SLOTH_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(_Section):
+    """How one update trains (the recipe in `sloth_daemon.trainer.recipe`)."""
+
+    steps: int = Field(120, ge=1, description="optimizer steps per update")
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    max_seq_len: int = Field(512, ge=16)
+    quantize: Literal["auto", "nf4", "none"] = Field(
+        "auto", description="4-bit NF4 base via bitsandbytes; auto = nf4 on CUDA, none on CPU"
+    )
+    kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="patch the model with sloth_kernels; auto = on CUDA only"
+    )
+    seed: int = 0
+    timeout_s: float = Field(3600, gt=0, description="an update running longer is killed and recorded as failed")
+
+
+class MixConfig(_Section):
+    """Share of each batch drawn from new, replayed and anchor examples (normalised)."""
+
+    new: float = Field(0.5, ge=0)
+    replay: float = Field(0.3, ge=0)
+    anchor: float = Field(0.2, ge=0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "MixConfig":
+        if self.new + self.replay + self.anchor <= 0:
+            raise ValueError("mix ratios must not all be zero")
+        return self
+
+
+class GateConfig(_Section):
+    """Eval gate bounds: a candidate is promoted only if all hold."""
+
+    min_new_loss_improvement: float = Field(
+        0.0, description="candidate loss on new examples must be below parent loss minus this"
+    )
+    max_anchor_loss_increase: float = Field(
+        0.25, ge=0, description="relative rise of anchor loss allowed (0.25 = +25%)"
+    )
+    anchor_loss_tolerance: float = Field(0.05, ge=0, description="absolute slack added to the anchor bound")
+    max_recall_loss_increase: float = Field(0.5, ge=0, description="relative rise of loss on replayed examples allowed")
+    holdout_fraction: float = Field(0.2, ge=0, lt=1)
+    min_holdout_examples: int = Field(10, ge=2, description="hold out new examples only when at least this many")
+    max_eval_examples: int = Field(64, ge=1)
+
+
+class ScheduleConfig(_Section):
+    """When updates start on their own (manual triggers always work)."""
+
+    enabled: bool = True
+    min_new_examples: int = Field(8, ge=1, description="start an update once this many new examples wait")
+    interval_minutes: float = Field(0, ge=0, description="also start one this often when any are waiting; 0 = off")
+    check_seconds: float = Field(30, gt=0, description="how often the example count is checked")
+
+
+class GenerationConfig(_Section):
+    """Defaults for requests that leave them out."""
+
+    max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1, description="requests asking for more get HTTP 400")
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class AnchorConfig(_Section):
+    """Self-synthesised rehearsal: the base model's own answers to probe prompts, made at first start."""
+
+    enabled: bool = True
+    max_tokens: int = Field(96, ge=1)
+
+
+class DaemonConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    zmq: str | None = Field(None, description="ZeroMQ address, e.g. ipc:///run/sloth-daemon/api.sock; unset = off")
+    state_dir: Path = Field(Path("./sloth-state"), validate_default=True)
+    model: str | None = Field(None, description="local Hugging Face model folder; unset = built-in tiny model")
+    served_model_name: str | None = Field(None, description="name in /v1/models; default: the model folder's name")
+    api_key: str | None = Field(None, description="if set, HTTP requests need 'Authorization: Bearer <key>'")
+    engine: Literal["embedded", "vllm"] = "embedded"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    train: TrainConfig = TrainConfig()
+    mix: MixConfig = MixConfig()
+    gate: GateConfig = GateConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    generation: GenerationConfig = GenerationConfig()
+    anchors: AnchorConfig = AnchorConfig()
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def replay_db(self) -> Path:
+        return self.state_dir / "replay.db"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.state_dir / "adapters"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.state_dir / "runs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the offending key and where it came from."""
+
+
+def env_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "_".join(path).upper()
+
+
+def _setting_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths.extend(_setting_paths(ann, prefix + (name,)))
+        else:
+            paths.append(prefix + (name,))
+    return paths
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> DaemonConfig:
+    """Build the config. `overrides` maps dotted keys (`"port"`, `"train.steps"`) to flag values; None = unset."""
+    env = os.environ if env is None else env
+    tree: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    path = path or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        p = Path(path)
+        try:
+            tree = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    for sp in _setting_paths(DaemonConfig):
+        name = env_name(sp)
+        if name in env:
+            _set(tree, sp, _parse_env_value(env[name]))
+            sources[sp] = f"environment variable {name}"
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            sp = tuple(dotted.split("."))
+            _set(tree, sp, value)
+            sources[sp] = "command-line flag"
+    try:
+        return DaemonConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = tuple(str(x) for x in err["loc"] if not isinstance(x, int))
+            key = ".".join(loc)
+            origin = sources.get(loc, f"config file {path}" if path else "default")
+            hint = f" (set by {origin}; env {env_name(loc)})" if loc else ""
+            lines.append(f"{key or '<root>'}: {err['msg']}{hint}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,309 @@
+"""Embedded engine: in-process generation with transformers + peft, for machines without vLLM.
+
+Contract: see `sloth_daemon.engine.base`. How it keeps it:
+- One worker thread owns the model. Generation requests and adapter loads/unloads are jobs on one queue, so the
+  model is never mutated while it generates and requests never interleave (they are served in arrival order).
+- Each request pins the adapter version current when `generate` is called; the worker activates that version
+  (peft `set_adapter`, or `disable_adapter()` for the base model) before decoding it. Loaded adapters are counted
+  by the requests pinned to them; the old one is unloaded only when its count drops to zero.
+- Tokens stream from the worker to the caller's event loop through an asyncio queue; a caller that stops
+  listening cancels its job at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from ..prompting import encode, render_prompt
+from .base import (
+    AdapterLoadError,
+    EngineError,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    ProbeResult,
+    RequestTooLong,
+    TextDelta,
+)
+
+log = logging.getLogger(__name__)
+
+PROBE_PROMPT = "The quick brown fox"
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _GenJob:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    adapter: str | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+class EmbeddedEngine:
+    name = "embedded"
+
+    def __init__(self, model_path: str | Path, *, model_name: str, device: str = "auto"):
+        self.model_path = Path(model_path)
+        self.model_name = model_name
+        self.device = pick_device(device)
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._model: Any = None  # transformers model, wrapped in a PeftModel once an adapter is loaded
+        self._tokenizer: Any = None
+        self._current: str | None = None
+        self._loaded: set[str] = set()
+        self._pins: dict[str | None, int] = {}
+        self._pins_changed = asyncio.Condition()
+        self.max_model_len = 2048
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        def load():
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self._model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
+            cfg = self._model.config
+            self.max_model_len = getattr(cfg, "max_position_embeddings", None) or 2048
+            gen = getattr(self._model, "generation_config", None)
+            eos = getattr(gen, "eos_token_id", None) if gen else None
+            if eos is None:
+                eos = self._tokenizer.eos_token_id
+            self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+        await asyncio.to_thread(load)
+        self._thread = threading.Thread(target=self._worker, name="embedded-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    @property
+    def current_adapter(self) -> str | None:
+        return self._current
+
+    def in_flight(self) -> dict[str | None, int]:
+        return {k: v for k, v in self._pins.items() if v}
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    # -- the worker -------------------------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if isinstance(job, _GenJob):
+                self._run_generation(job)
+                continue
+            try:
+                job.result = job.fn()
+            except BaseException as e:  # reported to the waiting caller
+                job.error = e
+            job.done.set()
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread, after the jobs already queued."""
+        job = _Job(fn)
+        self._jobs.put(job)
+        await asyncio.to_thread(job.done.wait)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    @contextlib.contextmanager
+    def _adapter_context(self, adapter: str | None):
+        from peft import PeftModel
+
+        if isinstance(self._model, PeftModel):
+            if adapter is None:
+                with self._model.disable_adapter():
+                    yield
+                return
+            self._model.set_adapter(adapter)
+        elif adapter is not None:
+            raise EngineError(f"adapter {adapter} is not loaded")
+        yield
+
+    def _run_generation(self, job: _GenJob) -> None:
+        emit = lambda ev: job.loop.call_soon_threadsafe(job.events.put_nowait, ev)  # noqa: E731
+        try:
+            with torch.inference_mode(), self._adapter_context(job.adapter):
+                self._decode(job, emit)
+        except BaseException as e:
+            log.exception("generation failed")
+            emit(EngineError(f"generation failed: {e}"))
+
+    def _decode(self, job: _GenJob, emit: Callable[[Any], None]) -> None:
+        p = job.request.params
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % (2**63)))
+        ids = torch.tensor([job.prompt_ids], device=self.device)
+        past = None
+        out_ids: list[int] = []
+        sent = ""
+        finish = "length"
+        for _ in range(p.max_tokens):
+            if job.cancelled.is_set():
+                finish = "cancelled"
+                break
+            out = self._model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1].float()
+            tok = _sample(logits, p.temperature, p.top_p, gen)
+            if tok in self._eos_ids:
+                finish = "stop"
+                break
+            out_ids.append(tok)
+            text = self._tokenizer.decode(out_ids, skip_special_tokens=True)
+            stop_at = _find_stop(text, p.stop)
+            if stop_at is not None:
+                text, finish = text[:stop_at], "stop"
+            # Hold back a partial UTF-8 character (byte-level tokens) until it completes.
+            if finish != "stop" and text.endswith("\ufffd"):
+                ids = torch.tensor([[tok]], device=self.device)
+                continue
+            if len(text) > len(sent):
+                emit(TextDelta(text[len(sent):]))
+                sent = text
+            if finish == "stop":
+                break
+            ids = torch.tensor([[tok]], device=self.device)
+        emit(Finished(sent, finish, len(job.prompt_ids), len(out_ids), job.adapter))
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> int:
+        n = len(encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt)))
+        if n + request.params.max_tokens > self.max_model_len:
+            raise RequestTooLong(
+                f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds the model's context "
+                f"length ({self.max_model_len})"
+            )
+        return n
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        prompt_ids = encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt))
+        self.validate(request)
+        adapter = self._current  # pinned now: a swap after this point does not change this request
+        self._pins[adapter] = self._pins.get(adapter, 0) + 1
+        job = _GenJob(request, prompt_ids, adapter, asyncio.get_running_loop(), asyncio.Queue())
+        try:
+            self._jobs.put(job)
+            while True:
+                ev = await job.events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if isinstance(ev, Finished):
+                    return
+        finally:
+            job.cancelled.set()
+            self._pins[adapter] -= 1
+            async with self._pins_changed:
+                self._pins_changed.notify_all()
+
+    # -- adapters -------------------------------------------------------------------------------------------------
+    def _load(self, version: str, path: Path) -> None:
+        from peft import PeftModel
+
+        if isinstance(self._model, PeftModel):
+            self._model.load_adapter(str(path), adapter_name=version, is_trainable=False)
+        else:
+            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=version, is_trainable=False)
+        self._model.eval()
+        self._loaded.add(version)
+
+    def _unload(self, version: str) -> None:
+        if version in self._loaded:
+            self._model.delete_adapter(version)
+            self._loaded.discard(version)
+
+    def _probe(self, version: str | None) -> ProbeResult:
+        """Compare the logits with the adapter against the base model's on a fixed prompt."""
+        ids = torch.tensor([encode(self._tokenizer, PROBE_PROMPT)], device=self.device)
+        with torch.inference_mode():
+            with self._adapter_context(None):
+                base = self._model(input_ids=ids).logits.float()
+            if version is None:
+                return ProbeResult(True, "base model")
+            with self._adapter_context(version):
+                tuned = self._model(input_ids=ids).logits.float()
+        diff = (tuned - base).abs().max().item()
+        return ProbeResult(diff > 1e-6, f"max |logit difference| vs base = {diff:.3g}")
+
+    async def swap_adapter(self, version: str | None, path: Path | None) -> ProbeResult:
+        old = self._current
+        if version == old:
+            return ProbeResult(True, "already current")
+        if version is not None:
+            if version not in self._loaded:
+                try:
+                    await self._call(lambda: self._load(version, Path(path)))
+                except Exception as e:
+                    raise AdapterLoadError(f"loading {version} failed: {e}") from e
+            probe = await self._call(lambda: self._probe(version))
+            if not probe.applied:
+                await self._call(lambda: self._unload(version))
+                raise AdapterLoadError(f"{version} loaded but not applied ({probe.detail})")
+        else:
+            probe = ProbeResult(True, "base model")
+        self._current = version  # the flip: requests from now on pin the new version
+        if old is not None:
+            async with self._pins_changed:
+                await self._pins_changed.wait_for(lambda: self._pins.get(old, 0) == 0)
+            if self._current != old:
+                await self._call(lambda: self._unload(old))
+        return probe
+
+    async def loss_probe(self, fn: Callable[[Any, Any], Any]) -> Any:
+        """Run `fn(model, tokenizer)` on the worker thread (used for anchor generation at first start)."""
+        return await self._call(lambda: fn(self._model, self._tokenizer))
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))

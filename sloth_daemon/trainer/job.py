@@ -1,0 +1,59 @@
+"""The contract between the daemon and the trainer child process: a `TrainJob` in, progress lines and a
+`TrainResult` out (JSON lines on the child's stdout: {"event": "progress", ...} then one {"event": "result", ...}).
+
+The job carries everything the child needs (examples included), so the child never opens the replay store and a
+killed child leaves nothing to clean up but its staging folder.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class TrainExample(BaseModel):
+    id: str
+    kind: Literal["chat", "completion", "document"]
+    prompt: list[dict] | str | None = None
+    answer: str
+
+
+class LoraSpec(BaseModel):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainJob(BaseModel):
+    base_model: str
+    parent_adapter: str | None = None      # folder of the adapter to continue from; None = fresh LoRA on the base
+    output_dir: str                        # staging folder the adapter is written into
+    batches: list[list[TrainExample]]      # one inner list per optimizer step, already mixed
+    eval_sets: dict[str, list[TrainExample]] = {}   # "new", "anchor", "recall": scored before and after training
+    lora: LoraSpec = LoraSpec()
+    learning_rate: float = 2e-3
+    max_seq_len: int = 512
+    quantize: Literal["nf4", "none"] = "none"
+    kernels: bool = False
+    device: str = "cpu"
+    seed: int = 0
+
+
+class EvalScores(BaseModel):
+    parent: float | None    # mean answer-token loss before the update (parent adapter, or base model)
+    candidate: float | None  # after the update
+    examples: int
+
+
+class TrainResult(BaseModel):
+    steps: int
+    first_loss: float
+    last_loss: float
+    tokens: int
+    seconds: float
+    device: str
+    quantized: bool
+    kernels: str
+    eval: dict[str, EvalScores]

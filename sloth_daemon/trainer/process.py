@@ -1,0 +1,83 @@
+"""Running a `TrainJob` in a child process and following it.
+
+Contract: `run_training(job, run_dir, on_progress, timeout_s)` writes `run_dir/job.json`, starts
+`python -m sloth_daemon.trainer`, passes each progress event to `on_progress`, appends the child's stderr to
+`run_dir/trainer.log`, and returns the `TrainResult`; a child that crashes, exits non-zero, prints no result or runs
+past `timeout_s` raises `TrainerFailed` (the child is killed first). `cancel()` kills a running child.
+The child runs in its own process group so a signal to it never reaches the daemon, and its staging folder is the
+caller's to remove.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .job import TrainJob, TrainResult
+
+
+class TrainerFailed(RuntimeError):
+    pass
+
+
+class TrainerProcess:
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def cancel(self) -> None:
+        if self._proc and self._proc.returncode is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def run(self, job: TrainJob, run_dir: Path, on_progress: Callable[[dict], None], timeout_s: float) -> TrainResult:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        job_file = run_dir / "job.json"
+        job_file.write_text(job.model_dump_json())
+        with open(run_dir / "trainer.log", "ab") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sloth_daemon.trainer", str(job_file),
+                stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            try:
+                result = await asyncio.wait_for(self._follow(on_progress), timeout_s)
+            except asyncio.TimeoutError:
+                self.cancel()
+                await self._proc.wait()
+                raise TrainerFailed(f"trainer ran past its {timeout_s:.0f}s limit and was killed") from None
+            except BaseException:
+                self.cancel()
+                raise
+        code = await self._proc.wait()
+        if code != 0:
+            raise TrainerFailed(f"trainer exited with code {code}; see {run_dir / 'trainer.log'}")
+        if result is None:
+            raise TrainerFailed(f"trainer printed no result; see {run_dir / 'trainer.log'}")
+        return result
+
+    async def _follow(self, on_progress: Callable[[dict], None]) -> TrainResult | None:
+        assert self._proc and self._proc.stdout
+        result = None
+        async for raw in self._proc.stdout:
+            try:
+                event = json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # a library printing to stdout; not ours
+            if event.get("event") == "result":
+                event.pop("event")
+                result = TrainResult.model_validate(event)
+            else:
+                on_progress(event)
+        await self._proc.wait()
+        return result
