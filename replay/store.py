@@ -1,0 +1,615 @@
+"""The replay store: every served turn, the feedback on it, the training examples, and the updates that used them.
+
+Contract:
+- One SQLite file (WAL journal, ``synchronous=FULL``), migrated to the latest schema on open (see `schema.py`).
+  The daemon holds one read-write `ReplayStore`; other processes (the CLI) may open the same file with
+  `ReplayStore.open_readonly` while it runs.
+- Thread-safe: one connection shared by all threads (asyncio code and FastAPI's threadpool), every call serialised
+  by a re-entrant lock. Every write runs in one ``BEGIN IMMEDIATE`` transaction, so it is all-or-nothing and takes
+  SQLite's write lock up front; that lock is also what makes "one running update" hold across processes.
+- Training data is derived only from explicit signals (`add_feedback`, `add_taught`, `add_document`, `add_anchor`),
+  never from an unrated served response. Examples are deduplicated by content hash: adding existing content
+  returns the stored example with ``created=False`` (it keeps its first source and its consumed/pending state).
+- Example life cycle: *pending* (not yet used by a finished update) -> *consumed* by a promoted or rejected update;
+  those consumed by a promoted update form the *replay pool*. A failed update consumes nothing. Anchors are
+  their own pool and are never pending.
+- Bad input raises `InvalidInput`, an unknown id `NotFound`, a second update `UpdateAlreadyRunning`, a write on a
+  read-only store `ReadOnlyStore`; all derive from `StoreError`. Nothing is ever deleted.
+- Timestamps are ISO-8601 UTC strings. Interactions and updates come back as plain dicts (JSON fields decoded),
+  examples as `Example` models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlite_utils import Database
+
+from .examples import EXAMPLE_SOURCES, Example, make_example, utc_now
+from .schema import SCHEMA_VERSION, SchemaError, current_version, migrate
+
+# How long a writer waits for another process's write lock before giving up (SQLite busy timeout).
+BUSY_TIMEOUT_S = 10.0
+
+
+class StoreError(Exception):
+    """Base class of the replay store's errors."""
+
+
+class NotFound(StoreError, LookupError):
+    """No row with the given id."""
+
+
+class InvalidInput(StoreError, ValueError):
+    """The arguments cannot be stored as given; the message says why."""
+
+
+class UpdateAlreadyRunning(StoreError):
+    """An update is already running (possibly started by another process on the same file)."""
+
+    def __init__(self, update_id: int):
+        self.update_id = update_id
+        super().__init__(f"update {update_id} is already running; only one update runs at a time")
+
+
+class ReadOnlyStore(StoreError, PermissionError):
+    """A write was attempted on a store opened with `ReplayStore.open_readonly`."""
+
+
+class Interaction(BaseModel):
+    """One served turn, as logged."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    id: str = Field(min_length=1)
+    created_at: str
+    kind: Literal["chat", "completion"]
+    prompt: list[dict] | str
+    response: str
+    model: str
+    adapter_version: str | None
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    latency_ms: float = Field(ge=0)
+    ttft_ms: float | None = Field(default=None, ge=0)
+    finish_reason: str
+    params: dict
+    transport: str = "http"
+
+    @model_validator(mode="after")
+    def _prompt_matches_kind(self) -> "Interaction":
+        if self.kind == "chat" and not isinstance(self.prompt, list):
+            raise ValueError("a chat interaction's prompt must be a list of messages")
+        if self.kind == "completion" and not isinstance(self.prompt, str):
+            raise ValueError("a completion interaction's prompt must be a string")
+        return self
+
+
+class Update(BaseModel):
+    """One training update: its state while running, then its verdict and metrics."""
+
+    id: int
+    trigger: str
+    base_adapter: str | None
+    status: Literal["running", "promoted", "rejected", "failed"]
+    started_at: str
+    finished_at: str | None
+    progress: float
+    message: str
+    adapter_version: str | None
+    metrics: dict
+    reason: str | None
+    example_ids: list[str]
+
+
+UPDATE_STATUSES = ("running", "promoted", "rejected", "failed")
+_FINISHED_CONSUMING = ("promoted", "rejected")  # statuses that take examples out of the pending queue
+
+
+def _validation_message(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts)
+
+
+def _finite_json(value: Any) -> Any:
+    """Replace NaN/inf with None: JSON has no such numbers, and a diverged loss must still be recordable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"{what} must be JSON-serialisable: {e}") from None
+
+
+# Examples that a promoted or rejected update has used; correlated on e.id.
+_CONSUMED = f"""EXISTS (SELECT 1 FROM update_examples ue JOIN updates u ON u.id = ue.update_id
+    WHERE ue.example_id = e.id AND u.status IN ({", ".join(repr(s) for s in _FINISHED_CONSUMING)}))"""
+_IN_REPLAY = """EXISTS (SELECT 1 FROM update_examples ue JOIN updates u ON u.id = ue.update_id
+    WHERE ue.example_id = e.id AND u.status = 'promoted')"""
+_PENDING_WHERE = f"e.source != 'anchor' AND NOT {_CONSUMED}"
+_REPLAY_WHERE = f"e.source != 'anchor' AND {_IN_REPLAY}"
+
+
+class ReplayStore:
+    """The daemon's SQLite replay store. See the module docstring for the contract."""
+
+    def __init__(self, path: str | Path):
+        self._open(Path(path), readonly=False)
+
+    @classmethod
+    def open_readonly(cls, path: str | Path) -> "ReplayStore":
+        """Open an existing store for reading only (safe while the daemon writes to it). Writes raise
+        `ReadOnlyStore`. The file must exist and already be at the latest schema version."""
+        store = cls.__new__(cls)
+        store._open(Path(path), readonly=True)
+        return store
+
+    def _open(self, path: Path, *, readonly: bool) -> None:
+        self._path = path
+        self._readonly = readonly
+        self._lock = threading.RLock()
+        self._closed = False
+        if readonly:
+            if not path.is_file():
+                raise FileNotFoundError(f"no replay store at {path}")
+            conn = sqlite3.connect(
+                path.resolve().as_uri() + "?mode=ro",
+                uri=True,
+                timeout=BUSY_TIMEOUT_S,
+                check_same_thread=False,
+                isolation_level=None,
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; every write opens its own BEGIN IMMEDIATE.
+            conn = sqlite3.connect(
+                str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+            )
+        try:
+            self._db = Database(conn, execute_plugins=False)
+            self._db.execute("PRAGMA foreign_keys = ON")
+            if readonly:
+                self._db.execute("PRAGMA query_only = ON")
+                version = current_version(self._db)
+                if version != SCHEMA_VERSION:
+                    hint = (
+                        "open it read-write once (start the daemon) to migrate it"
+                        if version < SCHEMA_VERSION
+                        else "upgrade sloth-daemon"
+                    )
+                    raise SchemaError(
+                        f"replay store {path} is at schema version {version}, this code reads {SCHEMA_VERSION}; {hint}"
+                    )
+            else:
+                self._db.enable_wal()
+                # FULL: a commit survives power loss, not only a process crash (feedback cannot be regenerated).
+                self._db.execute("PRAGMA synchronous = FULL")
+                migrate(self._db)
+        except BaseException:
+            conn.close()
+            raise
+
+    # ----------------------------------------------------------------------------------------- plumbing
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def schema_version(self) -> int:
+        with self._read() as db:
+            return current_version(db)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+    def __enter__(self) -> "ReplayStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the replay store is closed")
+
+    @contextmanager
+    def _read(self) -> Iterator[Database]:
+        """A consistent snapshot for several statements (one deferred read transaction)."""
+        with self._lock:
+            self._check_open()
+            if self._db.conn.in_transaction:  # nested inside a write: already consistent
+                yield self._db
+                return
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.rollback()  # nothing to keep; ends the snapshot
+
+    @contextmanager
+    def _write(self) -> Iterator[Database]:
+        if self._readonly:
+            raise ReadOnlyStore(f"replay store {self._path} is open read-only")
+        with self._lock:
+            self._check_open()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.rollback()
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.rollback()
+                raise
+
+    # ------------------------------------------------------------------------------------- interactions
+
+    def log_interaction(
+        self,
+        *,
+        id: str,
+        kind: Literal["chat", "completion"],
+        prompt: list[dict] | str,
+        response: str,
+        model: str,
+        adapter_version: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency_ms: float,
+        ttft_ms: float | None,
+        finish_reason: str,
+        params: dict,
+        transport: str = "http",
+    ) -> None:
+        """Record one served turn. The id is the caller's (the OpenAI response id); a duplicate raises InvalidInput."""
+        try:
+            row = Interaction(
+                id=id,
+                created_at=utc_now(),
+                kind=kind,
+                prompt=prompt,
+                response=response,
+                model=model,
+                adapter_version=adapter_version,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                latency_ms=latency_ms,
+                ttft_ms=ttft_ms,
+                finish_reason=finish_reason,
+                params=params,
+                transport=transport,
+            )
+        except ValidationError as e:
+            raise InvalidInput(f"invalid interaction: {_validation_message(e)}") from None
+        record = row.model_dump()
+        record["prompt"] = _dumps(row.prompt, "prompt")
+        record["params"] = _dumps(row.params, "params")
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM interactions WHERE id = ?", [id]).fetchone():
+                raise InvalidInput(f"interaction {id!r} is already logged")
+            db["interactions"].insert(record)
+
+    def get_interaction(self, id: str) -> dict | None:
+        with self._read() as db:
+            rows = list(db.query("SELECT * FROM interactions WHERE id = ?", [id]))
+        return self._interaction(rows[0]) if rows else None
+
+    def list_interactions(self, limit: int = 50, offset: int = 0) -> list[dict]:
+        """Newest first."""
+        if limit < 0 or offset < 0:
+            raise InvalidInput("limit and offset must be >= 0")
+        with self._read() as db:
+            rows = list(
+                db.query(
+                    "SELECT * FROM interactions ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                    [limit, offset],
+                )
+            )
+        return [self._interaction(r) for r in rows]
+
+    def count_interactions(self) -> int:
+        with self._read() as db:
+            return db.execute("SELECT count(*) FROM interactions").fetchone()[0]
+
+    @staticmethod
+    def _interaction(row: dict) -> dict:
+        row = dict(row, prompt=json.loads(row["prompt"]), params=json.loads(row["params"]))
+        return Interaction.model_validate(row).model_dump()
+
+    # ----------------------------------------------------------------------------------------- feedback
+
+    def add_feedback(
+        self,
+        interaction_id: str,
+        *,
+        rating: Literal["up", "down"] | None = None,
+        correction: str | None = None,
+        comment: str | None = None,
+    ) -> dict:
+        """Attach a rating and/or a corrected answer to a logged turn, deriving a training example:
+        a correction -> source "correction" (the corrected answer); "up" alone -> source "rated_up" (the logged
+        response); "down" alone -> recorded, no example. Returns feedback_id, interaction_id, example_id."""
+        if rating not in (None, "up", "down"):
+            raise InvalidInput(f"rating must be 'up' or 'down', not {rating!r}")
+        if correction is not None and not isinstance(correction, str):
+            raise InvalidInput("correction must be a string")
+        if comment is not None and not isinstance(comment, str):
+            raise InvalidInput("comment must be a string")
+        if rating is None and correction is None:
+            raise InvalidInput("feedback needs a rating ('up'/'down') or a correction")
+        with self._write() as db:
+            rows = list(db.query("SELECT kind, prompt, response FROM interactions WHERE id = ?", [interaction_id]))
+            if not rows:
+                raise NotFound(f"no logged interaction {interaction_id!r}")
+            inter = rows[0]
+            example: Example | None = None
+            if correction is not None or rating == "up":
+                source = "correction" if correction is not None else "rated_up"
+                answer = correction if correction is not None else inter["response"]
+                try:
+                    candidate = make_example(inter["kind"], json.loads(inter["prompt"]), answer, source)
+                except ValueError as e:
+                    raise InvalidInput(f"cannot derive a training example from this feedback: {e}") from None
+                example, _ = self._insert_example(db, candidate)
+            table = db["feedback"]
+            table.insert(
+                {
+                    "interaction_id": interaction_id,
+                    "created_at": utc_now(),
+                    "rating": rating,
+                    "correction": correction,
+                    "comment": comment,
+                    "example_id": example.id if example else None,
+                }
+            )
+            feedback_id = int(table.last_pk)
+        return {"feedback_id": feedback_id, "interaction_id": interaction_id, "example_id": example.id if example else None}
+
+    # ----------------------------------------------------------------------------------------- examples
+
+    def add_taught(self, prompt: list[dict] | str, answer: str) -> tuple[Example, bool]:
+        """A prompt with the answer it should get: a message list -> chat example, a string -> completion."""
+        return self._add("teach", self._kind_of(prompt), prompt, answer)
+
+    def add_document(self, text: str) -> tuple[Example, bool]:
+        """Plain text for continued pretraining."""
+        return self._add("document", "document", None, text)
+
+    def add_anchor(self, prompt: list[dict] | str, answer: str) -> tuple[Example, bool]:
+        """An example of the base model's behaviour to preserve (never pending; its own pool)."""
+        return self._add("anchor", self._kind_of(prompt), prompt, answer)
+
+    @staticmethod
+    def _kind_of(prompt: Any) -> str:
+        if isinstance(prompt, list):
+            return "chat"
+        if isinstance(prompt, str):
+            return "completion"
+        raise InvalidInput("prompt must be a list of chat messages or a string")
+
+    def _add(self, source: str, kind: str, prompt: Any, answer: str) -> tuple[Example, bool]:
+        try:
+            candidate = make_example(kind, prompt, answer, source)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+        with self._write() as db:
+            return self._insert_example(db, candidate)
+
+    def _insert_example(self, db: Database, example: Example) -> tuple[Example, bool]:
+        """Insert unless the content exists; returns the stored example and whether it is new. Caller holds a write."""
+        rows = list(db.query("SELECT * FROM examples WHERE content_hash = ?", [example.content_hash]))
+        if rows:
+            return self._example(rows[0]), False
+        record = example.model_dump()
+        record["prompt"] = None if example.prompt is None else json.dumps(example.prompt, ensure_ascii=False)
+        db["examples"].insert(record)
+        return example, True
+
+    def get_example(self, id: str) -> Example | None:
+        with self._read() as db:
+            rows = list(db.query("SELECT * FROM examples WHERE id = ?", [id]))
+        return self._example(rows[0]) if rows else None
+
+    def _examples_where(self, where: str, params: list | None = None) -> list[Example]:
+        with self._read() as db:
+            rows = list(db.query(f"SELECT * FROM examples e WHERE {where} ORDER BY e.created_at, e.rowid", params or []))
+        return [self._example(r) for r in rows]
+
+    def _count_where(self, where: str) -> int:
+        with self._read() as db:
+            return db.execute(f"SELECT count(*) FROM examples e WHERE {where}").fetchone()[0]
+
+    def pending_examples(self) -> list[Example]:
+        """Non-anchor examples no promoted or rejected update has used yet, oldest first."""
+        return self._examples_where(_PENDING_WHERE)
+
+    def count_pending(self) -> int:
+        return self._count_where(_PENDING_WHERE)
+
+    def replay_pool(self) -> list[Example]:
+        """Non-anchor examples used by promoted updates (what the served adapter has learned), oldest first."""
+        return self._examples_where(_REPLAY_WHERE)
+
+    def anchors(self) -> list[Example]:
+        return self._examples_where("e.source = 'anchor'")
+
+    def count_anchors(self) -> int:
+        return self._count_where("e.source = 'anchor'")
+
+    @staticmethod
+    def _example(row: dict) -> Example:
+        prompt = None if row["prompt"] is None else json.loads(row["prompt"])
+        return Example.model_validate(dict(row, prompt=prompt))
+
+    # ------------------------------------------------------------------------------------------ updates
+
+    def begin_update(self, *, trigger: str, base_adapter: str | None) -> int:
+        """Record a new running update and return its id; raises UpdateAlreadyRunning if one is running (in any
+        process using this file)."""
+        if not isinstance(trigger, str) or not trigger:
+            raise InvalidInput("trigger must be a non-empty string")
+        with self._write() as db:
+            running = db.execute("SELECT id FROM updates WHERE status = 'running'").fetchone()
+            if running:
+                raise UpdateAlreadyRunning(running[0])
+            table = db["updates"]
+            table.insert(
+                {"trigger": trigger, "base_adapter": base_adapter, "status": "running", "started_at": utc_now()}
+            )
+            return int(table.last_pk)
+
+    def set_update_progress(self, update_id: int, progress: float, message: str = "") -> None:
+        """Progress in [0, 1] of a running update."""
+        if not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:  # also rejects NaN
+            raise InvalidInput(f"progress must be a number in [0, 1], not {progress!r}")
+        if not isinstance(message, str):
+            raise InvalidInput("message must be a string")
+        with self._write() as db:
+            self._require_running(db, update_id)
+            db.execute("UPDATE updates SET progress = ?, message = ? WHERE id = ?", [float(progress), message, update_id])
+
+    def finish_update(
+        self,
+        update_id: int,
+        *,
+        status: Literal["promoted", "rejected", "failed"],
+        adapter_version: str | None,
+        metrics: dict,
+        reason: str | None,
+        example_ids: list[str],
+    ) -> None:
+        """Record a running update's verdict. The examples it trained on are linked to it; for promoted and
+        rejected they leave the pending queue (promoted ones join the replay pool), for failed they stay pending.
+        Non-finite metric values are stored as null."""
+        if status not in ("promoted", "rejected", "failed"):
+            raise InvalidInput(f"status must be 'promoted', 'rejected' or 'failed', not {status!r}")
+        if status == "promoted" and not adapter_version:
+            raise InvalidInput("a promoted update needs its adapter_version")
+        if not isinstance(metrics, dict):
+            raise InvalidInput("metrics must be a dict")
+        metrics_json = _dumps(_finite_json(metrics), "metrics")
+        if isinstance(example_ids, str) or not all(isinstance(i, str) for i in example_ids):
+            raise InvalidInput("example_ids must be a list of example id strings")
+        ids = list(dict.fromkeys(example_ids))
+        with self._write() as db:
+            self._require_running(db, update_id)
+            known: set[str] = set()
+            for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                known.update(r[0] for r in db.execute(f"SELECT id FROM examples WHERE id IN ({marks})", chunk))
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise InvalidInput(f"unknown example ids: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+            db.execute(
+                "UPDATE updates SET status = ?, finished_at = ?, adapter_version = ?, metrics = ?, reason = ? WHERE id = ?",
+                [status, utc_now(), adapter_version, metrics_json, reason, update_id],
+            )
+            db.conn.executemany(
+                "INSERT OR IGNORE INTO update_examples (update_id, example_id) VALUES (?, ?)",
+                [(update_id, i) for i in ids],
+            )
+
+    def fail_running_updates(self, reason: str) -> int:
+        """Mark every running update failed (called at daemon start: a running row then means a crash).
+        Returns how many were marked."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE updates SET status = 'failed', finished_at = ?, reason = ? WHERE status = 'running'",
+                [utc_now(), reason],
+            )
+            return cur.rowcount
+
+    @staticmethod
+    def _require_running(db: Database, update_id: int) -> None:
+        row = db.execute("SELECT status FROM updates WHERE id = ?", [update_id]).fetchone()
+        if row is None:
+            raise NotFound(f"no update {update_id}")
+        if row[0] != "running":
+            raise InvalidInput(f"update {update_id} is not running (it is {row[0]})")
+
+    def get_update(self, update_id: int) -> dict | None:
+        with self._read() as db:
+            rows = list(db.query("SELECT * FROM updates WHERE id = ?", [update_id]))
+            return self._update(db, rows[0]) if rows else None
+
+    def list_updates(self, limit: int = 20) -> list[dict]:
+        """Newest first."""
+        if limit < 0:
+            raise InvalidInput("limit must be >= 0")
+        with self._read() as db:
+            rows = list(db.query("SELECT * FROM updates ORDER BY id DESC LIMIT ?", [limit]))
+            return [self._update(db, r) for r in rows]
+
+    def running_update(self) -> dict | None:
+        with self._read() as db:
+            rows = list(db.query("SELECT * FROM updates WHERE status = 'running' ORDER BY id LIMIT 1"))
+            return self._update(db, rows[0]) if rows else None
+
+    @staticmethod
+    def _update(db: Database, row: dict) -> dict:
+        ids = [
+            r[0]
+            for r in db.execute(
+                "SELECT example_id FROM update_examples WHERE update_id = ? ORDER BY rowid", [row["id"]]
+            )
+        ]
+        return Update.model_validate(dict(row, metrics=json.loads(row["metrics"]), example_ids=ids)).model_dump()
+
+    # -------------------------------------------------------------------------------------------- stats
+
+    def stats(self) -> dict:
+        """Counts for status pages and `sloth-daemon replay stats`, from one consistent snapshot."""
+        with self._read() as db:
+
+            def scalar(sql: str) -> int:
+                return int(db.execute(sql).fetchone()[0] or 0)
+
+            by_source = dict.fromkeys(EXAMPLE_SOURCES, 0)
+            by_source.update(db.execute("SELECT source, count(*) FROM examples GROUP BY source").fetchall())
+            by_status = dict.fromkeys(UPDATE_STATUSES, 0)
+            by_status.update(db.execute("SELECT status, count(*) FROM updates GROUP BY status").fetchall())
+            return {
+                "schema_version": current_version(db),
+                "interactions": scalar("SELECT count(*) FROM interactions"),
+                "feedback": {
+                    "total": scalar("SELECT count(*) FROM feedback"),
+                    "up": scalar("SELECT count(*) FROM feedback WHERE rating = 'up'"),
+                    "down": scalar("SELECT count(*) FROM feedback WHERE rating = 'down'"),
+                    "corrections": scalar("SELECT count(*) FROM feedback WHERE correction IS NOT NULL"),
+                },
+                "examples": {**by_source, "total": sum(by_source.values())},
+                "pending": scalar(f"SELECT count(*) FROM examples e WHERE {_PENDING_WHERE}"),
+                "replay_pool": scalar(f"SELECT count(*) FROM examples e WHERE {_REPLAY_WHERE}"),
+                "anchors": by_source["anchor"],
+                "updates": {**by_status, "total": sum(by_status.values())},
+            }
