@@ -11,3 +11,24 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The built-in default model (taught its built-in Q&A), built once per test session."""
+    from sloth_daemon.default_model import ensure_default_model
+
+    return ensure_default_model(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture
+def state_dir(tmp_path, tiny_model) -> Path:
+    """A fresh daemon state dir whose model cache already holds the tiny model (so no test rebuilds it)."""
+    state = tmp_path / "state"
+    shutil.copytree(tiny_model, state / "models" / tiny_model.name)
+    return state

@@ -1,0 +1,226 @@
+"""The `sloth-daemon` command.
+
+    sloth-daemon serve [--config FILE] [--model PATH] [--host H] [--port P] [--zmq ADDR] [--state-dir DIR]
+    sloth-daemon status                       # what the running daemon serves, pending examples, recent updates
+    sloth-daemon train-now [--wait]           # start an update now (and wait for its verdict)
+    sloth-daemon adapters list | rollback VERSION|base
+    sloth-daemon replay stats [--state-dir DIR]   # reads replay.db directly; works with the daemon stopped
+
+Client commands talk to the running daemon over HTTP at `--url` (default: http://<host>:<port> from the config).
+Exit codes: 0 success, 1 the daemon refused or failed the request (message printed), 2 bad usage or configuration,
+3 the daemon is not reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, NoReturn
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, DaemonConfig, load_config
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+
+def _die(code: int, message: str) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+def _config(args: argparse.Namespace) -> DaemonConfig:
+    overrides = {
+        "model": getattr(args, "model", None),
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "zmq": getattr(args, "zmq", None),
+        "state_dir": getattr(args, "state_dir", None),
+        "engine": getattr(args, "engine", None),
+    }
+    try:
+        return load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        _die(EXIT_USAGE, str(e))
+
+
+class Client:
+    """A small HTTP client for the daemon's own endpoints; maps failures to exit codes."""
+
+    def __init__(self, cfg: DaemonConfig, url: str | None):
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+        self.url = (url or f"http://{host}:{cfg.port}").rstrip("/")
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            _die(EXIT_UNREACHABLE, f"the daemon is not reachable at {self.url} ({e.__class__.__name__}); "
+                                   "start it with `sloth-daemon serve` or pass --url")
+        if r.status_code >= 400:
+            try:
+                msg = r.json()["error"]["message"]
+            except Exception:
+                msg = r.text
+            _die(EXIT_FAILED, f"{r.status_code}: {msg}")
+        return r.json()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .service import serve
+
+    serve(_config(args))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    s = Client(_config(args), args.url).call("GET", "/sloth/status")
+    if args.json:
+        console.print_json(json.dumps(s))
+        return
+    console.print(f"[bold]{s['model']}[/] on the {s['engine']} engine, serving adapter "
+                  f"[bold]{s['adapter'] or 'none (base model)'}[/]")
+    console.print(f"pending examples: {s['pending_examples']}   anchors: {s['anchors']}   "
+                  f"logged turns: {s['interactions']}")
+    if s["update"]:
+        u = s["update"]
+        console.print(f"update {u['update_id']} running: {u['progress']:.0%} {u['message']}")
+    _updates_table(s["recent_updates"])
+
+
+def _updates_table(rows: list[dict]) -> None:
+    if not rows:
+        console.print("no updates yet")
+        return
+    t = Table(title="recent updates")
+    for col in ("id", "trigger", "status", "adapter", "started", "reason"):
+        t.add_column(col)
+    for u in rows:
+        t.add_row(str(u["id"]), u.get("trigger") or "", u["status"], u.get("adapter_version") or "",
+                  (u.get("started_at") or "")[:19], (u.get("reason") or "")[:80])
+    console.print(t)
+
+
+def cmd_train_now(args: argparse.Namespace) -> None:
+    client = Client(_config(args), args.url)
+    out = client.call("POST", "/sloth/updates")
+    update_id = out["update_id"]
+    console.print(f"update {update_id} started")
+    if not args.wait:
+        return
+    while True:
+        u = client.call("GET", f"/sloth/updates/{update_id}")
+        if u["status"] != "running":
+            break
+        time.sleep(1)
+    console.print(f"update {update_id}: [bold]{u['status']}[/] {u.get('adapter_version') or ''} {u.get('reason') or ''}")
+    if u["status"] == "failed":
+        sys.exit(EXIT_FAILED)
+
+
+def cmd_adapters(args: argparse.Namespace) -> None:
+    client = Client(_config(args), args.url)
+    if args.action == "rollback":
+        if not args.version:
+            _die(EXIT_USAGE, "adapters rollback needs a VERSION (e.g. v000002) or 'base'")
+        out = client.call("POST", "/sloth/adapters/rollback", json={"version": args.version})
+        console.print(f"now serving {out['current'] or 'the base model'}")
+        return
+    out = client.call("GET", "/sloth/adapters")
+    t = Table(title=f"adapters (serving {out['current'] or 'base model'})")
+    for col in ("version", "status", "parent", "created", "reason"):
+        t.add_column(col)
+    for a in out["data"]:
+        name = f"* {a['version']}" if a["current"] else a["version"]
+        t.add_row(name, a["status"], a.get("parent") or "", a["created_at"][:19], (a.get("reason") or "")[:80])
+    console.print(t)
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from sloth_replay import ReplayStore
+
+    cfg = _config(args)
+    if not cfg.replay_db.exists():
+        _die(EXIT_FAILED, f"no replay store at {cfg.replay_db} (wrong --state-dir?)")
+    store = ReplayStore.open_readonly(cfg.replay_db)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    if args.json:
+        console.print_json(json.dumps(stats))
+        return
+    t = Table(title=f"replay store {cfg.replay_db}")
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    for k, v in _flatten(stats):
+        t.add_row(k, str(v))
+    console.print(t)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.extend(_flatten(v, f"{prefix}{k}."))
+        else:
+            out.append((prefix + k, v))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sloth-daemon", description="Continuous online LoRA fine-tuning daemon.")
+    p.add_argument("--config", help="TOML config file (env SLOTH_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--url", help="daemon URL (default from the config's host and port)")
+
+    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    s.add_argument("--model", help="local Hugging Face model folder (default: built-in tiny model)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--zmq", help="ZeroMQ address, e.g. ipc:///run/sloth-daemon/api.sock")
+    s.add_argument("--state-dir")
+    s.add_argument("--engine", choices=["embedded", "vllm"])
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("status", help="show what the running daemon is doing")
+    client_args(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("train-now", help="start an update now")
+    client_args(s)
+    s.add_argument("--wait", action="store_true", help="wait for the verdict")
+    s.set_defaults(fn=cmd_train_now)
+
+    s = sub.add_parser("adapters", help="list adapter versions or roll back")
+    client_args(s)
+    s.add_argument("action", choices=["list", "rollback"])
+    s.add_argument("version", nargs="?")
+    s.set_defaults(fn=cmd_adapters)
+
+    s = sub.add_parser("replay", help="replay store statistics")
+    s.add_argument("action", choices=["stats"])
+    s.add_argument("--state-dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_replay)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

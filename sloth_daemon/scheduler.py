@@ -1,0 +1,63 @@
+"""When updates start on their own: APScheduler jobs on the daemon's event loop.
+
+Contract:
+- Every `schedule.check_seconds` the `threshold` job starts an update when `schedule.min_new_examples` or more new
+  examples wait; every `schedule.interval_minutes` (when > 0) the `interval` job starts one when any wait.
+- Jobs never overlap (`max_instances=1`, missed runs coalesced) and the updater's store-backed slot refuses a second
+  update, so neither a slow check nor a restart can start two; an update interrupted by a crash was marked failed
+  at start-up and its examples are pending again, so the next check retries it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from sloth_replay import UpdateAlreadyRunning
+
+from .config import ScheduleConfig
+from .updater import NothingToTrain, Updater
+
+log = logging.getLogger(__name__)
+
+
+class UpdateScheduler:
+    def __init__(self, cfg: ScheduleConfig, updater: Updater):
+        self.cfg = cfg
+        self.updater = updater
+        self._scheduler = AsyncIOScheduler()
+
+    def start(self) -> None:
+        if not self.cfg.enabled:
+            log.info("scheduler: disabled (manual updates only)")
+            return
+        opts = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        self._scheduler.add_job(self._check_threshold, "interval", seconds=self.cfg.check_seconds, id="threshold", **opts)
+        if self.cfg.interval_minutes > 0:
+            self._scheduler.add_job(self._check_interval, "interval", minutes=self.cfg.interval_minutes, id="interval", **opts)
+        self._scheduler.start()
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+
+    def next_runs(self) -> dict[str, str | None]:
+        return {j.id: j.next_run_time.isoformat() if j.next_run_time else None for j in self._scheduler.get_jobs()}
+
+    def _try_start(self, trigger: str) -> int | None:
+        if self.updater.running:
+            return None
+        try:
+            update_id = self.updater.start(trigger)
+        except (NothingToTrain, UpdateAlreadyRunning):
+            return None
+        log.info("scheduler: started update %d (%s)", update_id, trigger)
+        return update_id
+
+    async def _check_threshold(self) -> None:
+        if self.updater.store.count_pending() >= self.cfg.min_new_examples:
+            self._try_start("threshold")
+
+    async def _check_interval(self) -> None:
+        self._try_start("interval")
