@@ -93,7 +93,7 @@ def _rms_norm_bwd_kernel(
     w = tl.load(W + cols * stride_w, mask=mask, other=0.0).to(tl.float32) + offset
     dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
-    n_mine = tl.minimum(rows_per_program, n_rows - row_start)
+    n_mine = tl.minimum(rows_per_program, n_rows - pid * rows_per_program)  # int32 loop bound
     for i in range(0, n_mine):
         row64 = row_start + i
         dy = tl.load(DY + row64 * stride_dy_row + cols * stride_dy_col, mask=mask, other=0.0).to(tl.float32)
@@ -172,7 +172,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
     """RMSNorm over the last dim of x; see the module docstring for dtype and rounding rules."""
-    if x.shape[-1] != weight.shape[0] or weight.dim() != 1:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
     if use_triton(x, weight) and 0 < x.numel() and x.shape[-1] <= _MAX_HIDDEN:
         return _RMSNormFunction.apply(x, weight, float(eps), float(offset))

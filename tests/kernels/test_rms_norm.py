@@ -120,3 +120,13 @@ def test_reference_matches_gemma3_rms_norm(dtype):
         module.weight.copy_(torch.randn(67) * 0.1)
     x = torch.randn(2, 5, 67).to(dtype) * 3
     assert torch.equal(rms_norm_reference(x, module.weight, eps=1e-6, offset=1.0), module(x))
+
+
+def test_cpu_tensors_use_reference_without_interpreter(monkeypatch):
+    """Dispatch contract: without CUDA tensors or TRITON_INTERPRET=1 the op is the plain reference."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(2, 67, requires_grad=True)
+    weight = torch.ones(67)
+    y = rms_norm(x, weight)
+    assert "_RMSNormFunction" not in type(y.grad_fn).__name__
+    assert torch.equal(y, rms_norm_reference(x, weight))

@@ -1,0 +1,1 @@
+"""Per-kernel benchmarks: each `bench_<op>.py` exposes `run() -> list[dict]` for benchmarks/bench_kernels.py."""
