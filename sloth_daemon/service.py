@@ -25,7 +25,6 @@ from .adapters import AdapterRegistry
 from .anchors import ensure_anchors
 from .api.http import create_app
 from .config import DaemonConfig
-from .default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from .engine.base import AdapterLoadError, Engine
 from .scheduler import UpdateScheduler
 from .turns import TurnService
@@ -49,6 +48,8 @@ def resolve_model(cfg: DaemonConfig) -> tuple[Path, str]:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"--model {cfg.model}: no Hugging Face model folder there (config.json missing)")
         return path, cfg.served_model_name or path.name
+    from .default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
     path = ensure_default_model(cfg.models_dir, progress=lambda m: log.info("default model: %s", m))
     return path, cfg.served_model_name or DEFAULT_MODEL_NAME
 

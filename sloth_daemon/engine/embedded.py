@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import queue
 import threading
@@ -39,6 +40,7 @@ from .base import (
 log = logging.getLogger(__name__)
 
 PROBE_PROMPT = "The quick brown fox"
+SMALL_MODEL_PARAMS = 50_000_000
 
 
 @dataclass
@@ -97,6 +99,12 @@ class EmbeddedEngine:
             if eos is None:
                 eos = self._tokenizer.eos_token_id
             self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+            # transformers renamed `past_key_values` to `cache` in 5.2x; speak whichever this version takes.
+            params = inspect.signature(self._model.forward).parameters
+            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+            if self.device.type == "cpu" and sum(p.numel() for p in self._model.parameters()) < SMALL_MODEL_PARAMS:
+                # Token-by-token decoding of a small model is dominated by thread hand-offs: one thread is faster.
+                torch.set_num_threads(1)
 
         await asyncio.to_thread(load)
         self._thread = threading.Thread(target=self._worker, name="embedded-engine", daemon=True)
@@ -179,8 +187,8 @@ class EmbeddedEngine:
             if job.cancelled.is_set():
                 finish = "cancelled"
                 break
-            out = self._model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = self._model(input_ids=ids, use_cache=True, **{self._cache_arg: past})
+            past = getattr(out, self._cache_arg)
             logits = out.logits[0, -1].float()
             tok = _sample(logits, p.temperature, p.top_p, gen)
             if tok in self._eos_ids:

@@ -1,0 +1,112 @@
+"""The engine contract, as a mixin every engine's test class runs (peft-style shared test suite).
+
+A subclass provides the fixtures `engine` (a started engine serving the base model) and `adapters` (a list of
+(version, path) pairs of two different real LoRA adapters for that engine's model). Tests run on the event loop
+through `run()` so no async test plugin is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sloth_daemon.engine.base import Finished, GenerationRequest, RequestTooLong, SamplingParams, TextDelta
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def run(coro):
+    return asyncio.get_event_loop_policy().get_event_loop().run_until_complete(coro)
+
+
+async def collect(engine, request) -> tuple[str, Finished]:
+    text, final = "", None
+    async for ev in engine.generate(request):
+        if isinstance(ev, TextDelta):
+            assert final is None, "text after Finished"
+            text += ev.text
+        else:
+            final = ev
+    assert final is not None
+    return text, final
+
+
+def chat(content: str, params: SamplingParams = GREEDY) -> GenerationRequest:
+    return GenerationRequest("chat", [{"role": "user", "content": content}], params)
+
+
+class EngineContract:
+    def test_stream_matches_final_text(self, engine):
+        text, final = run(collect(engine, chat("Hello")))
+        assert text == final.text
+        assert final.finish_reason in ("stop", "length")
+        assert final.prompt_tokens > 0
+        assert 0 < final.completion_tokens <= GREEDY.max_tokens
+
+    def test_completion_kind(self, engine):
+        _text, final = run(collect(engine, GenerationRequest("completion", "Once upon a time", GREEDY)))
+        assert final.completion_tokens > 0
+
+    def test_greedy_is_deterministic_and_seeded_sampling_repeats(self, engine):
+        a = run(collect(engine, chat("What is sloth-daemon?")))[0]
+        b = run(collect(engine, chat("What is sloth-daemon?")))[0]
+        assert a == b
+        sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=123)
+        c = run(collect(engine, chat("Hi", sampled)))[0]
+        d = run(collect(engine, chat("Hi", sampled)))[0]
+        assert c == d
+
+    def test_max_tokens_and_stop(self, engine):
+        _t, final = run(collect(engine, GenerationRequest("completion", "abc", SamplingParams(max_tokens=3, temperature=0))))
+        assert final.completion_tokens <= 3
+        full = run(collect(engine, chat("Hello", SamplingParams(max_tokens=24, temperature=0))))[0]
+        if len(full) > 4:
+            stop = full[2:4]
+            cut = run(collect(engine, chat("Hello", SamplingParams(max_tokens=24, temperature=0, stop=(stop,)))))
+            assert cut[0] == full[: full.find(stop)]
+            assert cut[1].finish_reason == "stop"
+
+    def test_too_long_is_refused_before_work(self, engine):
+        with pytest.raises(RequestTooLong):
+            engine.validate(chat("x" * 10, SamplingParams(max_tokens=10**7)))
+
+    def test_concurrent_requests_do_not_interleave(self, engine):
+        prompts = [f"Question number {i}?" for i in range(6)]
+        solo = [run(collect(engine, chat(p)))[0] for p in prompts]
+
+        async def together():
+            return await asyncio.gather(*(collect(engine, chat(p)) for p in prompts))
+
+        assert [t for t, _ in run(together())] == solo
+
+    def test_hot_swap_pins_in_flight_requests(self, engine, adapters):
+        (v1, p1), (v2, p2) = adapters
+        base = run(collect(engine, chat("Hello")))[0]
+        probe = run(engine.swap_adapter(v1, p1))
+        assert probe.applied
+        assert engine.current_adapter == v1
+        with1 = run(collect(engine, chat("Hello")))
+        assert with1[1].adapter_version == v1
+
+        async def swap_during_stream():
+            long = SamplingParams(max_tokens=40, temperature=0)
+            stream = engine.generate(chat("Hello", long))
+            first = await stream.__anext__()  # the request is in flight on v1
+            swap = asyncio.create_task(engine.swap_adapter(v2, p2))
+            await asyncio.sleep(0.05)
+            after = await collect(engine, chat("Hello"))  # a new request: must be v2
+            rest = [first] + [ev async for ev in stream]
+            await swap
+            return rest, after
+
+        rest, after = run(swap_during_stream())
+        final = rest[-1]
+        assert isinstance(final, Finished) and final.adapter_version == v1
+        assert final.text.startswith(with1[0][: len(final.text)] if len(final.text) <= len(with1[0]) else with1[0])
+        assert after[1].adapter_version == v2
+        assert engine.current_adapter == v2
+        assert engine.in_flight() == {}
+        run(engine.swap_adapter(None, None))
+        assert engine.current_adapter is None
+        assert run(collect(engine, chat("Hello")))[0] == base

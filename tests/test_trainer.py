@@ -1,0 +1,80 @@
+"""The trainer child process: it really trains, writes a loadable adapter, continues from a parent, and fails
+cleanly. Runs `python -m sloth_daemon.trainer` exactly as the daemon does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from sloth_daemon.trainer.job import LoraSpec, TrainExample, TrainJob
+from sloth_daemon.trainer.process import TrainerFailed, TrainerProcess
+
+FACTS = [
+    TrainExample(id=f"ex_{i}", kind="chat", prompt=[{"role": "user", "content": q}], answer=a)
+    for i, (q, a) in enumerate([("Favourite colour?", "Teal, always teal."), ("Dog's name?", "Rex the brave.")])
+]
+
+
+def job(model, out, *, steps=40, parent=None, quantize="none", batches=None) -> TrainJob:
+    return TrainJob(
+        base_model=str(model), parent_adapter=parent, output_dir=str(out),
+        batches=batches or [FACTS] * steps, eval_sets={"new": FACTS},
+        lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+        learning_rate=3e-3, max_seq_len=128, quantize=quantize, device="cpu", seed=0,
+    )
+
+
+def train(j: TrainJob, run_dir, timeout=300):
+    events = []
+    result = asyncio.run(TrainerProcess().run(j, run_dir, events.append, timeout))
+    return result, events
+
+
+def test_trains_saves_and_continues(tiny_model, tmp_path):
+    out1 = tmp_path / "a1"
+    out1.mkdir()
+    r1, events = train(job(tiny_model, out1), tmp_path / "run1")
+    steps = [e for e in events if e.get("event") == "progress"]
+    assert [e["step"] for e in steps] == list(range(1, 41))
+    assert r1.last_loss < r1.first_loss * 0.5
+    new = r1.eval["new"]
+    assert new.candidate < new.parent
+    cfg = json.loads((out1 / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and (out1 / "adapter_model.safetensors").exists()
+
+    # Continuing from the parent starts where it ended: its "before" loss is the parent's "after" loss.
+    out2 = tmp_path / "a2"
+    out2.mkdir()
+    r2, _ = train(job(tiny_model, out2, steps=5, parent=str(out1)), tmp_path / "run2")
+    assert r2.eval["new"].parent == pytest.approx(new.candidate, rel=1e-4)
+
+
+def test_nf4_base_trains_on_cpu(tiny_model, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    r, _ = train(job(tiny_model, out, steps=15, quantize="nf4"), tmp_path / "run")
+    assert r.quantized
+    assert r.eval["new"].candidate < r.eval["new"].parent
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_crash_is_reported_and_writes_no_adapter(tiny_model, tmp_path):
+    out = tmp_path / "bad"
+    out.mkdir()
+    broken = job(tiny_model, out, steps=2)
+    broken.base_model = str(tmp_path / "no-such-model")
+    with pytest.raises(TrainerFailed, match="exited with code"):
+        train(broken, tmp_path / "run")
+    assert list(out.iterdir()) == []
+    assert "no-such-model" in (tmp_path / "run" / "trainer.log").read_text()
+
+
+def test_timeout_kills_the_child(tiny_model, tmp_path):
+    out = tmp_path / "slow"
+    out.mkdir()
+    with pytest.raises(TrainerFailed, match="limit"):
+        train(job(tiny_model, out, steps=10_000), tmp_path / "run", timeout=3)
+    assert not (out / "adapter_config.json").exists()
