@@ -1,0 +1,669 @@
+"""LoRA-aware projections over frozen NF4 (or dense) weights, with hand-written backward passes.
+
+Contract
+--------
+`lora_linear(x, base_weight, quant_state_or_None, lora_A, lora_B, scaling, bias=None)` computes
+
+    y = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias)          x [..., K], W [N, K], A [r, K], B [N, r]
+
+where W is frozen: an NF4 `Params4bit` with its `QuantState` (dequantised on the fly, see `MATMUL_BACKEND`) or a
+dense tensor (quant_state None). Gradients flow to x, A, B (and bias if it requires grad); W must not require grad.
+Only x (in the compute dtype) and the small x @ A^T are saved; W is dequantised again in backward and never kept.
+
+Fused groups (one autograd Function each, x saved once), on peft LoRA layers (`lora_parts` extracts what they hold):
+- `lora_qkv(x, q_proj, k_proj, v_proj) -> (q, k, v)`
+- `lora_o(x, o_proj) -> y`
+- `lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu" | "gelu_tanh") -> down(act(gate(x)) * up(x))`;
+  backward recomputes gate/up outputs from the saved x (switch: `MLP_RECOMPUTE`). The gated activation is
+  `sloth_kernels.swiglu` forward; its backward runs in place here (same activation math) to avoid two more
+  [M, intermediate] buffers.
+Outputs of a group may be non-contiguous column views of one [M, N_q + N_k + N_v] buffer (their last dimension is
+dense, so `.view(..., heads, head_dim)` works).
+
+Dtypes: the compute dtype is x.dtype, or the autocast dtype when autocast is on (x is then cast). The base weight is
+dequantised directly to the compute dtype, A and B are cast to it; outputs are in the compute dtype; grads are
+returned in each input's own dtype. peft computes the LoRA branch in the adapter's dtype (often fp32) instead, so in
+bf16 the results agree to bf16 rounding, not bit for bit.
+
+`MATMUL_BACKEND` (module switch, env `SLOTH_NF4_MATMUL`) picks how NF4 weights meet the matmul:
+- "dequant": one Triton launch dequantises W into a temporary in the compute dtype, cuBLAS does the GEMM, the
+  temporary is freed at once (it lives for one GEMM; a q/k/v or gate/up group is dequantised into one stacked buffer
+  so the group runs as one GEMM).
+- "fused": a Triton GEMM that loads packed NF4 tiles, decodes them in registers (16-entry table, per-block absmax) and
+  feeds tl.dot, so no dequantised weight ever exists in memory.
+
+Dispatch: the Triton paths run when `use_triton(x)` (CUDA, or TRITON_INTERPRET=1); otherwise the
+`*_reference` functions (plain differentiable torch) run.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from sloth_kernels._dispatch import use_triton
+from sloth_kernels.nf4 import (
+    check_quant_state,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    interpreting,
+    nf4_code,
+    packed_bytes,
+    resolve_absmax,
+    round_bf16_rne,
+)
+from sloth_kernels.swiglu import _GELU_TANH as GLU_GELU_TANH
+from sloth_kernels.swiglu import _SILU as GLU_SILU
+from sloth_kernels.swiglu import _activation as glu_activation
+from sloth_kernels.swiglu import geglu, swiglu
+
+# GPU notes: "dequant" (Triton dequant + cuBLAS) is the default because at training sizes (M = 4096 tokens) cuBLAS on
+# H200 runs the GEMM near peak and the dequant pass is ~5-10% on top; "fused" saves that pass and all weight
+# temporaries but its in-loop decoding competes with tl.dot. The benchmark times both.
+MATMUL_BACKEND = os.environ.get("SLOTH_NF4_MATMUL", "dequant")
+# Recompute gate/up in lora_mlp's backward (saves 2 x [M, intermediate] per layer). Under gradient checkpointing the
+# layer forward is recomputed anyway and the saved tensors live for one layer only, so False is faster there.
+MLP_RECOMPUTE = os.environ.get("SLOTH_MLP_RECOMPUTE", "1") != "0"
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+class LoraNotApplicable(ValueError):
+    """A module or input this module's fast path does not handle; callers fall back to the module's own forward."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extracting a peft LoRA layer
+# ----------------------------------------------------------------------------------------------------------------
+def lora_parts(module):
+    """(base_weight, quant_state, A, B, scaling, bias) of a peft LoRA Linear / Linear4bit's active adapter.
+
+    Raises LoraNotApplicable when the module is not plain LoRA over nn.Linear or bnb NF4 Linear4bit with exactly one
+    active adapter: merged or disabled adapters, DoRA or other LoRA variants, LoRA bias, dropout > 0 while training,
+    fan_in_fan_out, a trainable base weight, FP4 or CPU-repacked bnb weights. Cheap: call it on every forward, since
+    train/eval mode changes what qualifies.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError as exc:  # pragma: no cover - peft is a hard dependency
+        raise LoraNotApplicable("peft is not installed") from exc
+    name = type(module).__name__
+    if not isinstance(module, LoraLayer):
+        raise LoraNotApplicable(f"{name} is not a peft LoRA layer")
+    if getattr(module, "merged", False):
+        raise LoraNotApplicable(f"{name}: adapter weights are merged into the base weight")
+    if getattr(module, "disable_adapters", False):
+        raise LoraNotApplicable(f"{name}: adapters are disabled")
+    active = list(module.active_adapters)
+    if len(active) != 1:
+        raise LoraNotApplicable(f"{name}: needs exactly one active adapter, has {active}")
+    adapter = active[0]
+    if adapter not in module.lora_A:
+        raise LoraNotApplicable(f"{name}: active adapter {adapter!r} has no LoRA weights here")
+    if module.use_dora.get(adapter, False) or adapter in getattr(module, "lora_variant", {}):
+        raise LoraNotApplicable(f"{name}: DoRA / LoRA variants are not supported")
+    if getattr(module, "lora_bias", {}).get(adapter, False) or module.lora_B[adapter].bias is not None:
+        raise LoraNotApplicable(f"{name}: lora_bias is not supported")
+    if getattr(module, "fan_in_fan_out", False):
+        raise LoraNotApplicable(f"{name}: fan_in_fan_out weights are not supported")
+    dropout = module.lora_dropout[adapter]
+    if not isinstance(dropout, torch.nn.Identity):
+        if not isinstance(dropout, torch.nn.Dropout):
+            raise LoraNotApplicable(f"{name}: unknown dropout module {type(dropout).__name__}")
+        if dropout.p > 0 and dropout.training:
+            raise LoraNotApplicable(f"{name}: lora_dropout={dropout.p} while training")
+    lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+    if not (isinstance(lora_A, torch.nn.Linear) and isinstance(lora_B, torch.nn.Linear)):
+        raise LoraNotApplicable(f"{name}: LoRA A/B are not nn.Linear")
+
+    base = module.get_base_layer()
+    quant_state = None
+    try:
+        import bitsandbytes as bnb
+
+        linear4bit = bnb.nn.Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
+        linear4bit = ()
+    if linear4bit and isinstance(base, linear4bit):
+        quant_state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+        try:
+            check_quant_state(quant_state)
+        except ValueError as exc:
+            raise LoraNotApplicable(f"{name}: {exc}") from exc
+    elif type(base) is not torch.nn.Linear:
+        raise LoraNotApplicable(f"{name}: base layer {type(base).__name__} is neither nn.Linear nor bnb Linear4bit")
+    if base.weight.requires_grad:
+        raise LoraNotApplicable(f"{name}: base weight requires grad (only frozen base weights are supported)")
+    return base.weight, quant_state, lora_A.weight, lora_B.weight, float(module.scaling[adapter]), base.bias
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference (plain differentiable torch)
+# ----------------------------------------------------------------------------------------------------------------
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _base_weight_reference(base_weight, quant_state, dtype):
+    if quant_state is None:
+        return base_weight.to(dtype)
+    return dequantize_nf4_reference(base_weight, quant_state, dtype=dtype)
+
+
+def lora_linear_reference(x, base_weight, quant_state, lora_A, lora_B, scaling, bias=None):
+    """y = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias), in the compute dtype, differentiable in x, A, B, bias."""
+    cd = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        xc = x.to(cd)
+        w = _base_weight_reference(base_weight, quant_state, cd).detach()
+        y = torch.nn.functional.linear(xc, w, None if bias is None else bias.to(cd))
+        return y + scaling * torch.nn.functional.linear(
+            torch.nn.functional.linear(xc, lora_A.to(cd)), lora_B.to(cd)
+        )
+
+
+def _act_reference(g, activation):
+    if activation == "silu":
+        return torch.nn.functional.silu(g)
+    return torch.nn.functional.gelu(g, approximate="tanh")
+
+
+def lora_mlp_reference(x, gate_proj, up_proj, down_proj, activation="silu"):
+    """down(act(gate(x)) * up(x)) with every projection as `lora_linear_reference` (gated activation in fp32)."""
+    _check_activation(activation)
+    g = lora_linear_reference(x, *lora_parts(gate_proj))
+    u = lora_linear_reference(x, *lora_parts(up_proj))
+    h = (_act_reference(g.float(), activation) * u.float()).to(g.dtype)
+    return lora_linear_reference(h, *lora_parts(down_proj))
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise LoraNotApplicable(f"activation {activation!r} not supported (one of {ACTIVATIONS})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton: GEMM with NF4 tiles decoded in registers
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _nf4_matmul_kernel(
+    a_ptr, packed_ptr, absmax_ptr, code_ptr, c_ptr, la_ptr, lb_ptr, bias_ptr,
+    M, P, R, W_COLS,
+    stride_am, stride_ar, stride_cm, stride_cp, stride_lam, stride_lar, stride_lbr, stride_lbp,
+    lora_rank, lora_scale,
+    TRANS_W: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, LORA_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """C[M, P] (+)= A[M, R] @ op(W) [+ lora_scale * LA[M, r] @ LB[r, P]] [+ bias[P]].
+
+    W is the NF4 weight [N, W_COLS] (flat row-major in the packed bytes): op(W) = W^T (TRANS_W, forward: P = N,
+    R = W_COLS) or W (backward: P = W_COLS, R = N). absmax_ptr holds fp32 per-block scales (double quant undone).
+    """
+    # Grouped program order so neighbouring programs share A rows and W tiles in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_p = tl.cdiv(P, BLOCK_P)
+    in_group = GROUP_M * num_p
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_p = (pid % in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_mask = offs_m < M
+    p_mask = offs_p < P
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        # Flat index into W of each element of the [BLOCK_R, BLOCK_P] operand tile.
+        if TRANS_W:
+            flat = offs_p[None, :] * W_COLS + offs_r[:, None]
+        else:
+            flat = offs_r[:, None] * W_COLS + offs_p[None, :]
+        w_mask = r_mask[:, None] & p_mask[None, :]
+        byte = tl.load(packed_ptr + (flat >> 1), mask=w_mask, other=0).to(tl.int32)
+        nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+        w = tl.load(code_ptr + nibble) * tl.load(absmax_ptr + flat // BLOCKSIZE, mask=w_mask, other=0.0)
+        if DOT_FP32:
+            # fp32 inputs, or the CPU interpreter (whose bf16 dot is wrong): round w as the GPU would, dot in fp32.
+            if RNE_BF16:
+                w = round_bf16_rne(w)
+            else:
+                w = w.to(a.dtype).to(tl.float32)
+            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w.to(a.dtype))
+    if HAS_LORA:
+        offs_l = tl.arange(0, LORA_R)
+        l_mask = offs_l < lora_rank
+        la = tl.load(la_ptr + offs_m[:, None] * stride_lam + offs_l[None, :] * stride_lar,
+                     mask=m_mask[:, None] & l_mask[None, :], other=0.0)
+        lb = tl.load(lb_ptr + offs_l[:, None] * stride_lbr + offs_p[None, :] * stride_lbp,
+                     mask=l_mask[:, None] & p_mask[None, :], other=0.0)
+        if DOT_FP32:
+            acc += lora_scale * tl.dot(la.to(tl.float32), lb.to(tl.float32), input_precision="ieee")
+        else:
+            acc += lora_scale * tl.dot(la, lb)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_p[None, :] * stride_cp
+    c_mask = m_mask[:, None] & p_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    if RNE_BF16:
+        acc = round_bf16_rne(acc)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _fused_nf4_mm(a, proj, trans, lora=None, bias=None, out=None):
+    """out (+)= a @ op(W) [+ s * la @ lb] [+ bias] through `_nf4_matmul_kernel`."""
+    m, r_dim = a.shape
+    p_dim = proj.out_features if trans else proj.in_features
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(m, p_dim, dtype=a.dtype, device=a.device)
+    absmax = resolve_absmax(proj.quant_state)
+    if lora is not None:
+        la, lb, scale = lora
+        rank = la.shape[1]
+    else:
+        la = lb = a
+        scale, rank = 0.0, 1
+    if interpreting():
+        bm, bp, br, warps, stages = 16, 32, 32, 4, 1
+    else:
+        # GPU notes: 128x128x64 tiles, 8 warps; decoding a 64x128 NF4 tile per step is ALU work next to the MMA, so
+        # deeper pipelining buys little. Tune here if the benchmark says so.
+        bm, bp, br, warps, stages = 128, 128, 64, 8, 3
+    grid = (triton.cdiv(m, bm) * triton.cdiv(p_dim, bp),)
+    _nf4_matmul_kernel[grid](
+        a, proj.weight, absmax, nf4_code(a.device), out, la, lb, bias if bias is not None else a,
+        m, p_dim, r_dim, proj.in_features,
+        a.stride(0), a.stride(1), out.stride(0), out.stride(1), la.stride(0), la.stride(1), lb.stride(0), lb.stride(1),
+        rank, float(scale),
+        TRANS_W=trans, BLOCKSIZE=int(proj.quant_state.blocksize), HAS_LORA=lora is not None,
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+        DOT_FP32=interpreting() or a.dtype == torch.float32, RNE_BF16=interpreting() and a.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_P=bp, BLOCK_R=br, LORA_R=max(16, triton.next_power_of_2(rank)), GROUP_M=8,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton: gated activation, forward and in-place backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _gated_act_bwd_inplace_kernel(g_ptr, u_ptr, dh_ptr, n_cols, stride_g, stride_u, stride_dh,
+                                  ACT: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """In place: g <- dh * u * act'(g), u <- dh * act(g), dh <- act(g) * u (h, needed for down's dA)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+    act, dact = glu_activation(g, ACT)  # sloth_kernels.swiglu's activation math, shared
+    dg = dh * u * dact
+    du = dh * act
+    h = act * u
+    if RNE_BF16:
+        dg = round_bf16_rne(dg)
+        du = round_bf16_rne(du)
+        h = round_bf16_rne(h)
+    tl.store(g_ptr + row * stride_g + cols, dg.to(g_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptr + row * stride_u + cols, du.to(u_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptr + row * stride_dh + cols, h.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+def _gated_act(g, u, activation):
+    """h = act(g) * u through sloth_kernels.swiglu (a new contiguous tensor)."""
+    return swiglu(g, u) if activation == "silu" else geglu(g, u, approximate="tanh")
+
+
+def _gated_act_backward_(g, u, dh, activation):
+    """Overwrites g, u, dh with dg, du, h: no [M, intermediate] buffer beyond the three that already exist.
+
+    (sloth_kernels.swiglu's own backward allocates dg and du and does not return h; here g and u may be the two halves
+    of one stacked buffer that then holds dg | du for a single dX GEMM.)
+    """
+    m, n = g.shape
+    if g.stride(1) != 1 or u.stride(1) != 1 or dh.stride(1) != 1:
+        raise ValueError("gated activation backward needs unit column stride")
+    block = min(triton.next_power_of_2(n), 1024 if not interpreting() else 128)
+    _gated_act_bwd_inplace_kernel[(m, triton.cdiv(n, block))](
+        g, u, dh, n, g.stride(0), u.stride(0), dh.stride(0),
+        ACT=GLU_SILU if activation == "silu" else GLU_GELU_TANH,
+        RNE_BF16=interpreting() and g.dtype == torch.bfloat16, BLOCK=block, num_warps=4,
+    )
+    return dh
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Projection groups: the GEMM plumbing shared by lora_linear / lora_qkv / lora_o / lora_mlp
+# ----------------------------------------------------------------------------------------------------------------
+class _Proj:
+    """A frozen base weight: dense [N, K], or NF4 packed bytes + quant_state; plus the LoRA scaling."""
+
+    __slots__ = ("weight", "quant_state", "scaling", "out_features", "in_features")
+
+    def __init__(self, weight, quant_state, scaling):
+        if quant_state is not None:
+            self.out_features, self.in_features = check_quant_state(quant_state)
+            if self.out_features * self.in_features >= 2**31:
+                raise LoraNotApplicable("NF4 weight too large for 32-bit indexing")
+            self.weight = packed_bytes(weight)
+        else:
+            if weight.dim() != 2:
+                raise LoraNotApplicable(f"dense base weight must be 2-D, got {tuple(weight.shape)}")
+            self.out_features, self.in_features = weight.shape
+            self.weight = weight.detach()
+        if weight.requires_grad:
+            raise LoraNotApplicable("base weight requires grad (only frozen base weights are supported)")
+        self.quant_state = quant_state
+        self.scaling = float(scaling)
+
+
+def _backend() -> str:
+    if MATMUL_BACKEND not in ("dequant", "fused"):
+        raise ValueError(f"MATMUL_BACKEND must be 'dequant' or 'fused', got {MATMUL_BACKEND!r}")
+    return MATMUL_BACKEND
+
+
+def _materialise(projs, dtype, device):
+    """The base weights of `projs` stacked as one [sum N, K] tensor in `dtype` (a temporary for one GEMM)."""
+    if len(projs) == 1 and projs[0].quant_state is None:
+        return projs[0].weight.to(dtype)
+    w = torch.empty(sum(p.out_features for p in projs), projs[0].in_features, dtype=dtype, device=device)
+    row = 0
+    for p in projs:
+        if p.quant_state is None:
+            w[row : row + p.out_features].copy_(p.weight)
+        else:
+            dequantize_nf4(p.weight, p.quant_state, out=w[row : row + p.out_features])
+        row += p.out_features
+    return w
+
+
+def _stackable(projs) -> bool:
+    # One stacked dequant buffer + one GEMM; only for NF4 (stacking dense weights would copy them every call).
+    return _backend() == "dequant" and len(projs) > 1 and all(p.quant_state is not None for p in projs)
+
+
+def _mm(a, proj, trans, lora=None, bias=None, out=None):
+    """out (+)= a @ (W^T if trans else W) [+ s * la @ lb] [+ bias], a 2-D in the compute dtype."""
+    if proj.quant_state is not None and _backend() == "fused":
+        return _fused_nf4_mm(a, proj, trans, lora, bias, out)
+    w = _materialise([proj], a.dtype, a.device)
+    w_op = w.t() if trans else w
+    if out is None:
+        out = torch.matmul(a, w_op) if bias is None else torch.addmm(bias.to(a.dtype), a, w_op)
+    else:
+        out.addmm_(a, w_op)
+        if bias is not None:
+            out.add_(bias.to(a.dtype))
+    del w, w_op  # the dequantised temporary dies here, before the LoRA update
+    if lora is not None:
+        la, lb, scale = lora
+        out.addmm_(la, lb, alpha=scale)
+    return out
+
+
+def _rank_slices(As):
+    slices, start = [], 0
+    for A in As:
+        slices.append(slice(start, start + A.shape[0]))
+        start += A.shape[0]
+    return slices
+
+
+def _group_forward(x2, projs, As, Bs, biases, xa):
+    """(outputs [M, N_i] of each projection of x2 [M, K], their shared [M, sum N] buffer or None).
+
+    xa = x2 @ cat(A_i)^T [M, sum r] is given. When the group is stacked the outputs are column views of the buffer.
+    """
+    cd = x2.dtype
+    ranks = _rank_slices(As)
+    if _stackable(projs):
+        w = _materialise(projs, cd, x2.device)
+        y_all = torch.matmul(x2, w.t())
+        del w
+        outs, col = [], 0
+        for p, B, bias, rs in zip(projs, Bs, biases, ranks):
+            y = y_all[:, col : col + p.out_features]
+            y.addmm_(xa[:, rs], B.to(cd).t(), alpha=p.scaling)
+            if bias is not None:
+                y.add_(bias.to(cd))
+            outs.append(y)
+            col += p.out_features
+        return outs, y_all
+    outs = [
+        _mm(x2, p, True, lora=(xa[:, rs], B.to(cd).t(), p.scaling), bias=bias)
+        for p, B, bias, rs in zip(projs, Bs, biases, ranks)
+    ]
+    return outs, None
+
+
+def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, need_bias, dy_stacked=None):
+    """Grads of a projection group. dys[i] is [M, N_i] or None (output unused); dy_stacked, when given, is one
+    [M, sum N] buffer whose column blocks are the dys (lets a stacked group run dX as one GEMM)."""
+    cd = x2.dtype
+    ranks = _rank_slices(As)
+    live = [i for i, dy in enumerate(dys) if dy is not None]
+    # (dY_i @ B_i) * s_i for all live projections, side by side: [M, sum r].
+    dyb = torch.zeros(x2.shape[0], ranks[-1].stop, dtype=cd, device=x2.device) if len(live) < len(dys) else None
+    parts = []
+    for i in live:
+        part = torch.matmul(dys[i], Bs[i].to(cd)).mul_(projs[i].scaling)
+        if dyb is not None:
+            dyb[:, ranks[i]] = part
+        parts.append(part)
+    if dyb is None:
+        dyb = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    del parts
+
+    dx = None
+    if need_x and live:
+        if dy_stacked is not None and len(live) == len(dys) and _stackable(projs):
+            w = _materialise(projs, cd, x2.device)
+            dx = torch.matmul(dy_stacked, w)
+            del w
+        else:
+            for i in live:
+                dx = _mm(dys[i], projs[i], False, out=dx)
+        a_cat = torch.cat([A.to(cd) for A in As], dim=0) if len(As) > 1 else As[0].to(cd)
+        dx.addmm_(dyb, a_cat)
+    elif need_x:
+        dx = torch.zeros_like(x2)
+
+    dAs, dBs, dbiases = [None] * len(As), [None] * len(Bs), [None] * len(biases)
+    if any(need_A):
+        dA_all = torch.matmul(dyb.t(), x2)
+        for i, A in enumerate(As):
+            if need_A[i]:
+                dAs[i] = dA_all[ranks[i]].to(A.dtype)
+    for i in range(len(projs)):
+        dy = dys[i]
+        if need_B[i]:
+            dBs[i] = (
+                torch.zeros_like(Bs[i]) if dy is None
+                else torch.matmul(dy.t(), xa[:, ranks[i]]).mul_(projs[i].scaling).to(Bs[i].dtype)
+            )
+        if need_bias[i]:
+            dbiases[i] = torch.zeros_like(biases[i]) if dy is None else dy.sum(0).to(biases[i].dtype)
+    return dx, dAs, dBs, dbiases
+
+
+def _flat_params(parts):
+    """[(A, B, bias), ...] -> [A0, B0, bias0, A1, ...] for autograd.Function.apply."""
+    return [t for triple in parts for t in triple]
+
+
+def _prepare(x, parts):
+    """Shared set-up: projections, compute dtype, 2-D compute-dtype x, and the params cast to it."""
+    projs = [_Proj(w, qs, s) for (w, qs, _, _, s, _) in parts]
+    k = projs[0].in_features
+    for p in projs:
+        if p.in_features != k or x.shape[-1] != k:
+            raise LoraNotApplicable(f"input features {x.shape[-1]} do not match base weights ({p.in_features})")
+    return projs
+
+
+class _LoraGroupFn(torch.autograd.Function):
+    """Projections sharing one input x: y_i = x @ W_i^T + s_i (x @ A_i^T) @ B_i^T (+ b_i). Saves x and x @ A^T."""
+
+    @staticmethod
+    def forward(ctx, projs, x, *params):
+        cd = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            As, Bs, biases = params[0::3], params[1::3], params[2::3]
+            x2 = x.reshape(-1, x.shape[-1]).to(cd)
+            a_cat = torch.cat([A.to(cd) for A in As], dim=0) if len(As) > 1 else As[0].to(cd)
+            xa = torch.matmul(x2, a_cat.t())
+            outs, _ = _group_forward(x2, projs, As, Bs, biases, xa)
+        ctx.projs = projs
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x2, xa, *params)
+        lead = x.shape[:-1]
+        return tuple(y.view(*lead, y.shape[-1]) for y in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, xa, *params = ctx.saved_tensors
+        As, Bs, biases = params[0::3], params[1::3], params[2::3]
+        cd = x2.dtype
+        with torch.autocast(x2.device.type, enabled=False):
+            dys = [None if g is None else g.reshape(-1, g.shape[-1]).to(cd) for g in grads]
+            need = ctx.needs_input_grad
+            dx, dAs, dBs, dbiases = _group_backward(
+                dys, x2, xa, ctx.projs, As, Bs, biases,
+                need_x=need[1], need_A=need[2::3], need_B=need[3::3], need_bias=need[4::3],
+            )
+        if dx is not None:
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        out = [None, dx]
+        for dA, dB, db in zip(dAs, dBs, dbiases):
+            out += [dA, dB, db]
+        return tuple(out)
+
+
+def _run_group(x, parts):
+    projs = _prepare(x, parts)
+    params = _flat_params([(A, B, bias) for (_, _, A, B, _, bias) in parts])
+    return _LoraGroupFn.apply(projs, x, *params)
+
+
+class _LoraMLPFn(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)), all three LoRA projections; saves x and the small x @ A^T / h @ A_down^T."""
+
+    @staticmethod
+    def forward(ctx, projs, activation, x, *params):
+        cd = _compute_dtype(x)
+        gate_up, down = projs[:2], projs[2]
+        with torch.autocast(x.device.type, enabled=False):
+            As, Bs, biases = params[0::3], params[1::3], params[2::3]
+            x2 = x.reshape(-1, x.shape[-1]).to(cd)
+            xa = torch.matmul(x2, torch.cat([As[0].to(cd), As[1].to(cd)], dim=0).t())
+            (g, u), gu = _group_forward(x2, gate_up, As[:2], Bs[:2], biases[:2], xa)
+            h = _gated_act(g, u, activation)
+            saved_gu = () if MLP_RECOMPUTE else ((gu,) if gu is not None else (g, u))
+            del g, u, gu
+            xa_down = torch.matmul(h, As[2].to(cd).t())
+            (y,), _ = _group_forward(h, [down], As[2:], Bs[2:], biases[2:], xa_down)
+            del h
+        ctx.projs, ctx.activation = projs, activation
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.n_saved_gu = len(saved_gu)
+        ctx.save_for_backward(x2, xa, xa_down, *saved_gu, *params)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, xa_down, *rest = ctx.saved_tensors
+        saved_gu, params = rest[: ctx.n_saved_gu], rest[ctx.n_saved_gu :]
+        As, Bs, biases = params[0::3], params[1::3], params[2::3]
+        gate_up, down = ctx.projs[:2], ctx.projs[2]
+        need = ctx.needs_input_grad  # (projs, activation, x, A0, B0, b0, A1, B1, b1, A2, B2, b2)
+        cd = x2.dtype
+        with torch.autocast(x2.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
+            # g, u are overwritten in place below, so saved ones are cloned (backward may be retained).
+            if len(saved_gu) == 1:
+                gu = saved_gu[0].clone()
+                g, u = gu[:, : gate_up[0].out_features], gu[:, gate_up[0].out_features :]
+            elif saved_gu:
+                (g, u), gu = [t.clone() for t in saved_gu], None
+            else:
+                (g, u), gu = _group_forward(x2, gate_up, As[:2], Bs[:2], biases[:2], xa)
+            # dh = dY @ W_down + s (dY @ B_down) @ A_down; then act backward turns (g, u, dh) into (dg, du, h).
+            dyb = torch.matmul(dy2, Bs[2].to(cd)).mul_(down.scaling)
+            dh = _mm(dy2, down, False, lora=(dyb, As[2].to(cd), 1.0))
+            h = _gated_act_backward_(g, u, dh, ctx.activation)
+            dg, du = g, u
+            dA_down = torch.matmul(dyb.t(), h).to(As[2].dtype) if need[9] else None
+            del h, dh
+            dB_down = torch.matmul(dy2.t(), xa_down).mul_(down.scaling).to(Bs[2].dtype) if need[10] else None
+            db_down = dy2.sum(0).to(biases[2].dtype) if need[11] else None
+            del dyb, dy2
+            # When gate/up ran stacked, dg | du now fill their shared buffer in place: dX is then one GEMM.
+            dx, dAs, dBs, dbs = _group_backward(
+                [dg, du], x2, xa, gate_up, As[:2], Bs[:2], biases[:2],
+                need_x=need[2], need_A=need[3:9:3], need_B=need[4:9:3], need_bias=need[5:9:3], dy_stacked=gu,
+            )
+        if dx is not None:
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        return (None, None, dx, dAs[0], dBs[0], dbs[0], dAs[1], dBs[1], dbs[1], dA_down, dB_down, db_down)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+def lora_linear(x, base_weight, quant_state, lora_A, lora_B, scaling, bias=None):
+    """y = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias); see the module docstring."""
+    if not use_triton(x):
+        return lora_linear_reference(x, base_weight, quant_state, lora_A, lora_B, scaling, bias)
+    (y,) = _run_group(x, [(base_weight, quant_state, lora_A, lora_B, scaling, bias)])
+    return y
+
+
+def lora_qkv(x, q_proj, k_proj, v_proj):
+    """(q_proj(x), k_proj(x), v_proj(x)) for peft LoRA layers, as one autograd node that saves x once."""
+    parts = [lora_parts(m) for m in (q_proj, k_proj, v_proj)]
+    if not use_triton(x):
+        return tuple(lora_linear_reference(x, *p) for p in parts)
+    return _run_group(x, parts)
+
+
+def lora_o(x, o_proj):
+    """o_proj(x) for a peft LoRA layer (single projection, same machinery as lora_qkv)."""
+    parts = lora_parts(o_proj)
+    if not use_triton(x):
+        return lora_linear_reference(x, *parts)
+    (y,) = _run_group(x, [parts])
+    return y
+
+
+def lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu"):
+    """down_proj(act(gate_proj(x)) * up_proj(x)) for peft LoRA layers; activation "silu" (SwiGLU) or "gelu_tanh"."""
+    _check_activation(activation)
+    if not use_triton(x):
+        return lora_mlp_reference(x, gate_proj, up_proj, down_proj, activation)
+    parts = [lora_parts(m) for m in (gate_proj, up_proj, down_proj)]
+    projs = _prepare(x, parts[:2])
+    down = _Proj(*(parts[2][i] for i in (0, 1, 4)))
+    if down.in_features != projs[0].out_features or projs[1].out_features != projs[0].out_features:
+        raise LoraNotApplicable("gate/up/down shapes do not chain")
+    params = _flat_params([(A, B, bias) for (_, _, A, B, _, bias) in parts])
+    return _LoraMLPFn.apply(projs + [down], activation, x, *params)
