@@ -2,7 +2,8 @@
 
 Contract
 --------
-`lora_linear(x, base_weight, quant_state_or_None, lora_A, lora_B, scaling, bias=None)` computes
+`lora_linear(x, base_weight, quant_state_or_None, lora_A, lora_B, scaling, bias=None, *, compute_dtype=None)`
+computes
 
     y = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias)          x [..., K], W [N, K], A [r, K], B [N, r]
 
@@ -20,10 +21,12 @@ Fused groups (one autograd Function each, x saved once), on peft LoRA layers (`l
 Outputs of a group may be non-contiguous column views of one [M, N_q + N_k + N_v] buffer (their last dimension is
 dense, so `.view(..., heads, head_dim)` works).
 
-Dtypes: the compute dtype is x.dtype, or the autocast dtype when autocast is on (x is then cast). The base weight is
-dequantised directly to the compute dtype, A and B are cast to it; outputs are in the compute dtype; grads are
-returned in each input's own dtype. peft computes the LoRA branch in the adapter's dtype (often fp32) instead, so in
-bf16 the results agree to bf16 rounding, not bit for bit.
+Dtypes: the compute dtype is the autocast dtype when autocast is on; else `compute_dtype` (for the module functions:
+the bnb Linear4bit's `compute_dtype`, i.e. bnb_4bit_compute_dtype); else x.dtype. x is cast to it, the base weight is
+dequantised directly to it, A and B are cast to it; outputs are in the compute dtype (bnb would cast its output back
+to x.dtype, e.g. fp32 after peft's prepare_model_for_kbit_training upcasts norms; we keep the cheaper compute
+dtype); grads are returned in each input's own dtype. peft computes the LoRA branch in the adapter's dtype (often
+fp32) instead, so in bf16 the results agree to bf16 rounding, not bit for bit.
 
 `MATMUL_BACKEND` (module switch, env `SLOTH_NF4_MATMUL`) picks how NF4 weights meet the matmul:
 - "dequant": one Triton launch dequantises W into a temporary in the compute dtype, cuBLAS does the GEMM, the
@@ -101,7 +104,7 @@ def lora_parts(module):
     adapter = active[0]
     if adapter not in module.lora_A:
         raise LoraNotApplicable(f"{name}: active adapter {adapter!r} has no LoRA weights here")
-    if module.use_dora.get(adapter, False) or adapter in getattr(module, "lora_variant", {}):
+    if getattr(module, "use_dora", {}).get(adapter, False) or adapter in getattr(module, "lora_variant", {}):
         raise LoraNotApplicable(f"{name}: DoRA / LoRA variants are not supported")
     if getattr(module, "lora_bias", {}).get(adapter, False) or module.lora_B[adapter].bias is not None:
         raise LoraNotApplicable(f"{name}: lora_bias is not supported")
@@ -141,11 +144,18 @@ def lora_parts(module):
 # ----------------------------------------------------------------------------------------------------------------
 # Reference (plain differentiable torch)
 # ----------------------------------------------------------------------------------------------------------------
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def _compute_dtype(x: torch.Tensor, preferred: torch.dtype | None = None) -> torch.dtype:
+    """The autocast dtype when autocast is on, else `preferred` (bnb's compute_dtype), else x.dtype."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
-    return x.dtype
+    return preferred or x.dtype
+
+
+def module_compute_dtype(module) -> torch.dtype | None:
+    """bitsandbytes Linear4bit's compute_dtype (bnb_4bit_compute_dtype) of a peft LoRA layer, if it has one."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return getattr(base, "compute_dtype", None)
 
 
 def _base_weight_reference(base_weight, quant_state, dtype):
@@ -154,9 +164,9 @@ def _base_weight_reference(base_weight, quant_state, dtype):
     return dequantize_nf4_reference(base_weight, quant_state, dtype=dtype)
 
 
-def lora_linear_reference(x, base_weight, quant_state, lora_A, lora_B, scaling, bias=None):
+def lora_linear_reference(x, base_weight, quant_state, lora_A, lora_B, scaling, bias=None, *, compute_dtype=None):
     """y = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias), in the compute dtype, differentiable in x, A, B, bias."""
-    cd = _compute_dtype(x)
+    cd = _compute_dtype(x, compute_dtype)
     with torch.autocast(x.device.type, enabled=False):
         xc = x.to(cd)
         w = _base_weight_reference(base_weight, quant_state, cd).detach()
@@ -172,13 +182,17 @@ def _act_reference(g, activation):
     return torch.nn.functional.gelu(g, approximate="tanh")
 
 
-def lora_mlp_reference(x, gate_proj, up_proj, down_proj, activation="silu"):
-    """down(act(gate(x)) * up(x)) with every projection as `lora_linear_reference` (gated activation in fp32)."""
+def lora_mlp_reference(x, gate_proj, up_proj, down_proj, activation="silu", *, compute_dtype=None):
+    """down(act(gate(x)) * up(x)) with every projection as `lora_linear_reference` (gated activation in fp32).
+
+    compute_dtype None means the modules' own (bnb compute_dtype or x.dtype), as `lora_mlp` does.
+    """
     _check_activation(activation)
-    g = lora_linear_reference(x, *lora_parts(gate_proj))
-    u = lora_linear_reference(x, *lora_parts(up_proj))
+    cd = compute_dtype or module_compute_dtype(gate_proj)
+    g = lora_linear_reference(x, *lora_parts(gate_proj), compute_dtype=cd)
+    u = lora_linear_reference(x, *lora_parts(up_proj), compute_dtype=cd)
     h = (_act_reference(g.float(), activation) * u.float()).to(g.dtype)
-    return lora_linear_reference(h, *lora_parts(down_proj))
+    return lora_linear_reference(h, *lora_parts(down_proj), compute_dtype=cd)
 
 
 def _check_activation(activation):
@@ -504,13 +518,22 @@ def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, 
     return dx, dAs, dBs, dbiases
 
 
+class _Plan:
+    """The non-tensor half of an autograd call: base projections, compute dtype, activation (MLP only)."""
+
+    __slots__ = ("projs", "compute_dtype", "activation")
+
+    def __init__(self, projs, compute_dtype, activation=None):
+        self.projs, self.compute_dtype, self.activation = projs, compute_dtype, activation
+
+
 def _flat_params(parts):
     """[(A, B, bias), ...] -> [A0, B0, bias0, A1, ...] for autograd.Function.apply."""
     return [t for triple in parts for t in triple]
 
 
 def _prepare(x, parts):
-    """Shared set-up: projections, compute dtype, 2-D compute-dtype x, and the params cast to it."""
+    """The frozen base projections of `parts` (lora_parts tuples), checked to all read x's feature dimension."""
     projs = [_Proj(w, qs, s) for (w, qs, _, _, s, _) in parts]
     k = projs[0].in_features
     for p in projs:
@@ -523,8 +546,9 @@ class _LoraGroupFn(torch.autograd.Function):
     """Projections sharing one input x: y_i = x @ W_i^T + s_i (x @ A_i^T) @ B_i^T (+ b_i). Saves x and x @ A^T."""
 
     @staticmethod
-    def forward(ctx, projs, x, *params):
-        cd = _compute_dtype(x)
+    def forward(ctx, plan, x, *params):
+        projs = plan.projs
+        cd = _compute_dtype(x, plan.compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
             As, Bs, biases = params[0::3], params[1::3], params[2::3]
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
@@ -559,18 +583,19 @@ class _LoraGroupFn(torch.autograd.Function):
         return tuple(out)
 
 
-def _run_group(x, parts):
+def _run_group(x, parts, compute_dtype=None):
     projs = _prepare(x, parts)
     params = _flat_params([(A, B, bias) for (_, _, A, B, _, bias) in parts])
-    return _LoraGroupFn.apply(projs, x, *params)
+    return _LoraGroupFn.apply(_Plan(projs, compute_dtype), x, *params)
 
 
 class _LoraMLPFn(torch.autograd.Function):
     """down(act(gate(x)) * up(x)), all three LoRA projections; saves x and the small x @ A^T / h @ A_down^T."""
 
     @staticmethod
-    def forward(ctx, projs, activation, x, *params):
-        cd = _compute_dtype(x)
+    def forward(ctx, plan, x, *params):
+        projs, activation = plan.projs, plan.activation
+        cd = _compute_dtype(x, plan.compute_dtype)
         gate_up, down = projs[:2], projs[2]
         with torch.autocast(x.device.type, enabled=False):
             As, Bs, biases = params[0::3], params[1::3], params[2::3]
@@ -595,7 +620,7 @@ class _LoraMLPFn(torch.autograd.Function):
         saved_gu, params = rest[: ctx.n_saved_gu], rest[ctx.n_saved_gu :]
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         gate_up, down = ctx.projs[:2], ctx.projs[2]
-        need = ctx.needs_input_grad  # (projs, activation, x, A0, B0, b0, A1, B1, b1, A2, B2, b2)
+        need = ctx.needs_input_grad  # (plan, x, A0, B0, b0, A1, B1, b1, A2, B2, b2)
         cd = x2.dtype
         with torch.autocast(x2.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
@@ -612,46 +637,49 @@ class _LoraMLPFn(torch.autograd.Function):
             dh = _mm(dy2, down, False, lora=(dyb, As[2].to(cd), 1.0))
             h = _gated_act_backward_(g, u, dh, ctx.activation)
             dg, du = g, u
-            dA_down = torch.matmul(dyb.t(), h).to(As[2].dtype) if need[9] else None
+            dA_down = torch.matmul(dyb.t(), h).to(As[2].dtype) if need[8] else None
             del h, dh
-            dB_down = torch.matmul(dy2.t(), xa_down).mul_(down.scaling).to(Bs[2].dtype) if need[10] else None
-            db_down = dy2.sum(0).to(biases[2].dtype) if need[11] else None
+            dB_down = torch.matmul(dy2.t(), xa_down).mul_(down.scaling).to(Bs[2].dtype) if need[9] else None
+            db_down = dy2.sum(0).to(biases[2].dtype) if need[10] else None
             del dyb, dy2
             # When gate/up ran stacked, dg | du now fill their shared buffer in place: dX is then one GEMM.
             dx, dAs, dBs, dbs = _group_backward(
                 [dg, du], x2, xa, gate_up, As[:2], Bs[:2], biases[:2],
-                need_x=need[2], need_A=need[3:9:3], need_B=need[4:9:3], need_bias=need[5:9:3], dy_stacked=gu,
+                need_x=need[1], need_A=need[2:8:3], need_B=need[3:8:3], need_bias=need[4:8:3], dy_stacked=gu,
             )
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (None, None, dx, dAs[0], dBs[0], dbs[0], dAs[1], dBs[1], dbs[1], dA_down, dB_down, db_down)
+        return (None, dx, dAs[0], dBs[0], dbs[0], dAs[1], dBs[1], dbs[1], dA_down, dB_down, db_down)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
-def lora_linear(x, base_weight, quant_state, lora_A, lora_B, scaling, bias=None):
+def lora_linear(x, base_weight, quant_state, lora_A, lora_B, scaling, bias=None, *, compute_dtype=None):
     """y = x @ W^T + scaling * (x @ A^T) @ B^T (+ bias); see the module docstring."""
     if not use_triton(x):
-        return lora_linear_reference(x, base_weight, quant_state, lora_A, lora_B, scaling, bias)
-    (y,) = _run_group(x, [(base_weight, quant_state, lora_A, lora_B, scaling, bias)])
+        return lora_linear_reference(x, base_weight, quant_state, lora_A, lora_B, scaling, bias,
+                                     compute_dtype=compute_dtype)
+    (y,) = _run_group(x, [(base_weight, quant_state, lora_A, lora_B, scaling, bias)], compute_dtype)
     return y
 
 
 def lora_qkv(x, q_proj, k_proj, v_proj):
     """(q_proj(x), k_proj(x), v_proj(x)) for peft LoRA layers, as one autograd node that saves x once."""
     parts = [lora_parts(m) for m in (q_proj, k_proj, v_proj)]
+    cd = module_compute_dtype(q_proj)
     if not use_triton(x):
-        return tuple(lora_linear_reference(x, *p) for p in parts)
-    return _run_group(x, parts)
+        return tuple(lora_linear_reference(x, *p, compute_dtype=cd) for p in parts)
+    return _run_group(x, parts, cd)
 
 
 def lora_o(x, o_proj):
     """o_proj(x) for a peft LoRA layer (single projection, same machinery as lora_qkv)."""
     parts = lora_parts(o_proj)
+    cd = module_compute_dtype(o_proj)
     if not use_triton(x):
-        return lora_linear_reference(x, *parts)
-    (y,) = _run_group(x, [parts])
+        return lora_linear_reference(x, *parts, compute_dtype=cd)
+    (y,) = _run_group(x, [parts], cd)
     return y
 
 
@@ -666,4 +694,5 @@ def lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu"):
     if down.in_features != projs[0].out_features or projs[1].out_features != projs[0].out_features:
         raise LoraNotApplicable("gate/up/down shapes do not chain")
     params = _flat_params([(A, B, bias) for (_, _, A, B, _, bias) in parts])
-    return _LoraMLPFn.apply(projs + [down], activation, x, *params)
+    plan = _Plan(projs + [down], module_compute_dtype(gate_proj), activation)
+    return _LoraMLPFn.apply(plan, x, *params)

@@ -210,7 +210,7 @@ def test_fused_groups_bf16(saved_llama, quantized, backend):
     xr = x.float().requires_grad_()
     ref_outs = [lora_linear_reference(xr, *lora_parts(m)) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     ref_outs.append(lora_linear_reference(xr, *lora_parts(attn.o_proj)))
-    ref_outs.append(lora_mlp_reference(xr, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    ref_outs.append(lora_mlp_reference(xr, mlp.gate_proj, mlp.up_proj, mlp.down_proj, compute_dtype=torch.float32))
     sum((o * w).sum() for o, w in zip(ref_outs, weights)).backward()
     for name, o, r in zip(("q", "k", "v", "o", "mlp"), outs, ref_outs):
         assert o.dtype == torch.bfloat16
@@ -330,3 +330,22 @@ def test_lora_parts_rejects_training_variants(saved_llama, kwargs, match):
     if "lora_dropout" in kwargs:
         model.eval()  # dropout is the identity in eval mode: fine then
         lora_parts(layer.self_attn.v_proj)
+
+
+def test_bnb_compute_dtype_is_the_compute_dtype(saved_llama):
+    """fp32 activations into a 4-bit layer whose bnb compute dtype is bf16 (what prepare_model_for_kbit_training
+    leads to): computed and returned in bf16, dx back in fp32; the reference does the same."""
+    model, layer = _peft_llama(saved_llama, True, torch.bfloat16)
+    attn, mlp = layer.self_attn, layer.mlp
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    q, k, v = lora_qkv(x, attn.q_proj, attn.k_proj, attn.v_proj)
+    y = lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    assert q.dtype == y.dtype == torch.bfloat16
+    (q.float().sum() + y.float().sum()).backward()
+    assert x.grad.dtype == torch.float32
+    xb = x.detach().to(torch.bfloat16)
+    _assert_close(q, lora_linear_reference(xb.float(), *lora_parts(attn.q_proj)), torch.bfloat16, "q")
+    ref = lora_mlp_reference(xb.float(), mlp.gate_proj, mlp.up_proj, mlp.down_proj, compute_dtype=torch.float32)
+    _assert_close(y, ref, torch.bfloat16, "mlp")
+    with torch.no_grad():
+        assert lora_mlp_reference(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj).dtype == torch.bfloat16
