@@ -183,32 +183,32 @@ class EmbeddedEngine:
         out_ids: list[int] = []
         sent = ""
         finish = "length"
+        text = ""
         for _ in range(p.max_tokens):
             if job.cancelled.is_set():
                 finish = "cancelled"
                 break
             out = self._model(input_ids=ids, use_cache=True, **{self._cache_arg: past})
             past = getattr(out, self._cache_arg)
-            logits = out.logits[0, -1].float()
-            tok = _sample(logits, p.temperature, p.top_p, gen)
+            tok = _sample(out.logits[0, -1].float(), p.temperature, p.top_p, gen)
             if tok in self._eos_ids:
                 finish = "stop"
                 break
             out_ids.append(tok)
+            ids = torch.tensor([[tok]], device=self.device)
             text = self._tokenizer.decode(out_ids, skip_special_tokens=True)
             stop_at = _find_stop(text, p.stop)
             if stop_at is not None:
                 text, finish = text[:stop_at], "stop"
-            # Hold back a partial UTF-8 character (byte-level tokens) until it completes.
-            if finish != "stop" and text.endswith("\ufffd"):
-                ids = torch.tensor([[tok]], device=self.device)
-                continue
-            if len(text) > len(sent):
-                emit(TextDelta(text[len(sent):]))
-                sent = text
-            if finish == "stop":
                 break
-            ids = torch.tensor([[tok]], device=self.device)
+            # Hold back what may still turn into a stop string or is half a UTF-8 character (byte-level tokens).
+            safe = len(text) - _pending_len(text, p.stop)
+            if safe > len(sent):
+                emit(TextDelta(text[len(sent):safe]))
+                sent = text[:safe]
+        if finish != "cancelled" and len(text) > len(sent):
+            emit(TextDelta(text[len(sent):]))
+            sent = text
         emit(Finished(sent, finish, len(job.prompt_ids), len(out_ids), job.adapter))
 
     # -- requests -------------------------------------------------------------------------------------------------
@@ -254,9 +254,16 @@ class EmbeddedEngine:
         self._loaded.add(version)
 
     def _unload(self, version: str) -> None:
-        if version in self._loaded:
-            self._model.delete_adapter(version)
-            self._loaded.discard(version)
+        if version not in self._loaded:
+            return
+        self._loaded.discard(version)
+        if not self._loaded:
+            # peft keeps pointing at a deleted last adapter; go back to the bare model instead.
+            self._model = self._model.unload()
+            return
+        if version in self._model.active_adapters:
+            self._model.set_adapter(next(iter(self._loaded)))
+        self._model.delete_adapter(version)
 
     def _probe(self, version: str | None) -> ProbeResult:
         """Compare the logits with the adapter against the base model's on a fixed prompt."""
@@ -303,6 +310,19 @@ class EmbeddedEngine:
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [i for s in stops if s and (i := text.find(s)) >= 0]
     return min(hits) if hits else None
+
+
+def _pending_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the tail of `text` that must not be sent yet: a partial UTF-8 character or a stop-string prefix."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
