@@ -76,9 +76,14 @@ class Client:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .service import serve
 
-    serve(_config(args))
+    cfg = _config(args)
+    if cfg.model and not (Path(cfg.model).expanduser() / "config.json").exists():
+        _die(EXIT_USAGE, f"model: {cfg.model} is not a Hugging Face model folder (no config.json there)")
+    serve(cfg)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
