@@ -13,9 +13,9 @@ right padding, so ignore_index and the attention mask go through the patched cod
   switch, checkpointing) over a whole run. On CUDA both tests run the Triton kernels (fp32 and bf16).
 - `test_nf4_llama`: the same with a 4-bit (bitsandbytes NF4, double quant) base, Llama only, interpreter on CPU.
 
-Tolerances: fp32 losses 1e-4 relative, weights/grads/logits 1e-3 of their magnitude (the kernels reassociate sums);
-bf16 1e-2 relative losses per the issue (2e-2 after 20 steps, as rounding differences compound) and 5e-2 of the
-magnitude for grads, weights and logits.
+Tolerances: fp32 losses 1e-4 relative, grads/logits 1e-3 of their largest element, trained weights 1e-3 in norm (the
+kernels reassociate sums); bf16 1e-2 relative losses per the issue (2e-2 after 20 steps, as rounding differences
+compound) and 5e-2 for grads, logits and trained weights.
 """
 
 from __future__ import annotations
@@ -117,6 +117,13 @@ def _assert_close(got, ref, rel, what):
     assert err <= rel * max(scale, 1e-6), f"{what}: max error {err:.3g} vs magnitude {scale:.3g}"
 
 
+def _assert_norm_close(got, ref, rel, what):
+    """||got - ref|| <= rel * ||ref||: trained weights (AdamW moves near-zero-grad elements by +-lr either way)."""
+    got, ref = got.detach().float().cpu(), ref.detach().float().cpu()
+    err, scale = (got - ref).norm().item(), ref.norm().item()
+    assert err <= rel * scale, f"{what}: error norm {err:.3g} vs norm {scale:.3g}"
+
+
 def _lora_params(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -197,7 +204,7 @@ def test_twenty_steps(family, device, dtype, monkeypatch):
     assert sum(ref[-4:]) < sum(ref[:4])  # it did learn something (the same 4 batches, 5 times)
     params_plain, params_patched = _lora_params(plain), _lora_params(patched)
     for name, p in params_plain.items():
-        _assert_close(params_patched[name], p, rel, f"trained {name}")
+        _assert_norm_close(params_patched[name], p, rel, f"trained {name}")
     assert report.calls["loss"] == 20
 
 
@@ -234,5 +241,5 @@ def test_nf4_llama(tiny_llama_dir, device, dtype):
         assert abs(a - b) <= 2 * loss_tol * abs(a), f"step {step}: loss {b} vs {a}"
     params_plain, params_patched = _lora_params(plain), _lora_params(patched)
     for name, p in params_plain.items():
-        _assert_close(params_patched[name], p, rel, f"trained {name}")
+        _assert_norm_close(params_patched[name], p, rel, f"trained {name}")
     assert report.calls["qkv"] > 0 and report.calls["mlp"] > 0

@@ -1,0 +1,116 @@
+"""Run every per-kernel benchmark (`benchmarks/kernels/bench_*.py`), print one table, write JSON. GPU only.
+
+    python -m benchmarks.bench_kernels [--only rms_norm,rope] [--out benchmarks/results/kernels.json]
+
+Each module's `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, ...}. The table adds, per row, the
+speed-up over the plain PyTorch reference of the same (op, pass, dtype) (`torch` impl; for LoRA also `peft`). A
+module that fails is reported and skipped, so one broken benchmark does not hide the others. The JSON holds the
+rows plus the GPU, library versions and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BASELINE_IMPLS = ("torch", "peft")
+
+
+def discover() -> list[str]:
+    import benchmarks.kernels as pkg
+
+    return sorted(m.name.removeprefix("bench_") for m in pkgutil.iter_modules(pkg.__path__)
+                  if m.name.startswith("bench_"))
+
+
+def environment() -> dict:
+    import torch
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+           "command": " ".join(sys.argv)}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    for name in ("transformers", "peft", "bitsandbytes"):
+        try:
+            env[name] = importlib.import_module(name).__version__
+        except Exception:  # noqa: BLE001 - optional in the table only
+            env[name] = None
+    return env
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """row["speedup"] = baseline ms / row ms, the baseline being the first of BASELINE_IMPLS present for its key."""
+    for row in rows:
+        key = (row["op"], row["pass"], row["dtype"])
+        for impl in BASELINE_IMPLS:
+            base = next((r for r in rows if (r["op"], r["pass"], r["dtype"]) == key and r["impl"] == impl), None)
+            if base is not None:
+                row["speedup"] = base["ms"] / row["ms"] if row["ms"] else None
+                row["baseline"] = impl
+                break
+
+
+def print_table(rows: list[dict], env: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sloth_kernels on {env.get('gpu', 'no GPU')} (torch {env['torch']}, triton {env['triton']})")
+    for col in ("op", "pass", "dtype", "impl", "ms", "peak MB", "vs baseline"):
+        table.add_column(col, justify="right" if col in ("ms", "peak MB", "vs baseline") else "left")
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x {r['baseline']}" if r.get("speedup") else ""
+        table.add_row(r["op"], r["pass"], r["dtype"], r["impl"], f"{r['ms']:.3f}", f"{r['peak_mem_mb']:.0f}", speed)
+    Console(width=140).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated kernel names (default: all): " + ",".join(discover()))
+    parser.add_argument("--out", type=Path, help="write the rows and environment as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    names = [n for n in args.only.split(",") if n] or discover()
+    rows, failures = [], {}
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            module = importlib.import_module(f"benchmarks.kernels.bench_{name}")
+            got = module.run()
+        except Exception:  # noqa: BLE001 - report and go on with the other kernels
+            failures[name] = traceback.format_exc()
+            print(f"bench_kernels: {name} failed:\n{failures[name]}", file=sys.stderr)
+            continue
+        finally:
+            torch.cuda.empty_cache()
+        for row in got:
+            row.setdefault("bench", name)
+        rows.extend(got)
+        print(f"bench_kernels: {name}: {len(got)} rows in {time.perf_counter() - t0:.0f}s", flush=True)
+    add_speedups(rows)
+    env = environment()
+    print_table(rows, env)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"environment": env, "rows": rows, "failures": failures}, indent=1))
+        print(f"bench_kernels: wrote {args.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
