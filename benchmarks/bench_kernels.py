@@ -102,14 +102,19 @@ def main(argv: list[str] | None = None) -> int:
             row.setdefault("bench", name)
         rows.extend(got)
         print(f"bench_kernels: {name}: {len(got)} rows in {time.perf_counter() - t0:.0f}s", flush=True)
+        write(args.out, rows, failures)  # after every kernel: a run cut short keeps what it measured
     add_speedups(rows)
-    env = environment()
-    print_table(rows, env)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": env, "rows": rows, "failures": failures}, indent=1))
-        print(f"bench_kernels: wrote {args.out}")
+    print_table(rows, environment())
+    write(args.out, rows, failures)
     return 1 if failures else 0
+
+
+def write(path: Path | None, rows: list[dict], failures: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    add_speedups(rows)
+    path.write_text(json.dumps({"environment": environment(), "rows": rows, "failures": failures}, indent=1))
 
 
 if __name__ == "__main__":
