@@ -283,6 +283,18 @@ def print_table(results: list[dict], args) -> None:
     Console(width=160).print(table)
 
 
+def write(args, argv, results: list[dict]) -> None:
+    if not args.out:
+        return
+    add_ratios(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": " ".join(["python -m benchmarks.bench_qlora_step", *(argv or sys.argv[1:])]),
+            "seq": args.seq, "batch": args.batch, "layers": args.layers, "tiny": args.tiny,
+            "rope_scaling": not args.no_rope_scaling, "lora_rank": RANK, "lr": LR,
+            "steps": args.steps, "warmup": args.warmup}
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
@@ -340,15 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("ok"):
             print(f"bench_qlora_step: {name}: {r['tokens_per_s']:.0f} tokens/s, peak {r.get('peak_gb', 0):.2f} GB, "
                   f"losses {['%.4f' % x for x in r['losses'][:4]]}", flush=True)
+        write(args, argv, results)  # after every configuration: a run cut short keeps what it measured
     add_ratios(results)
     print_table(results, args)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"command": " ".join(["python -m benchmarks.bench_qlora_step", *(argv or sys.argv[1:])]),
-                "seq": args.seq, "batch": args.batch, "layers": args.layers, "tiny": args.tiny,
-                "rope_scaling": not args.no_rope_scaling, "lora_rank": RANK, "lr": LR}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"bench_qlora_step: wrote {args.out}")
+    write(args, argv, results)
     return 0 if all(r.get("ok") or "not installed" in r.get("error", "") for r in results) else 1
 
 
