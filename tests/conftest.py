@@ -32,3 +32,20 @@ def state_dir(tmp_path, tiny_model) -> Path:
     state = tmp_path / "state"
     shutil.copytree(tiny_model, state / "models" / tiny_model.name)
     return state
+
+
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def shared_daemon(tmp_path_factory, tiny_model):
+    """One real `sloth-daemon serve` (embedded tiny model, API key on, no automatic updates) shared by the HTTP and
+    CLI tests; tests that need a pristine daemon start their own."""
+    from .daemon_proc import DaemonProcess
+
+    state = tmp_path_factory.mktemp("shared") / "state"
+    shutil.copytree(tiny_model, state / "models" / tiny_model.name)
+    daemon = DaemonProcess(state, env={"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_API_KEY": API_KEY,
+                                       "SLOTH_TRAIN_STEPS": "20"}).start()
+    yield daemon
+    daemon.stop()

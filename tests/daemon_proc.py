@@ -63,7 +63,9 @@ class DaemonProcess:
             return self.proc.wait()
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120)
+        key = self.env.get("SLOTH_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, timeout=120, headers=headers)
 
     def wait_update(self, update_id: int, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
