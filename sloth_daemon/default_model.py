@@ -270,7 +270,7 @@ def _step_outputs(model, batch):
     input_ids, labels, mask = (tensor.to(device) for tensor in batch)
     logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
     targets = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     scored = targets != -100
     exact = ((logits.argmax(-1) == targets) | ~scored).all(dim=1)
     return loss, exact
@@ -342,7 +342,8 @@ def teach_model(
         with torch.no_grad():
             _, exact = _step_outputs(model, check_batch)
         accuracy = exact.float().mean().item()
-        say(f"teach: epoch {epoch}, step {steps}, loss {loss_value:.3f}, exact {accuracy:.0%}, {time.monotonic() - start:.1f}s")
+        elapsed = time.monotonic() - start
+        say(f"teach: epoch {epoch}, step {steps}, loss {loss_value:.3f}, exact {accuracy:.0%}, {elapsed:.1f}s")
         if accuracy == 1.0:
             break
     model.eval()
@@ -465,7 +466,7 @@ def build_default_model(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     if report:
-        say(f"built {DEFAULT_MODEL_NAME} in {info['seconds']:.1f}s: {report.steps} steps, exact answers {report.accuracy:.0%}")
+        say(f"built {DEFAULT_MODEL_NAME} in {info['seconds']:.1f}s: {report.steps} steps, exact {report.accuracy:.0%}")
     return dest
 
 

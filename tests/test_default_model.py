@@ -43,7 +43,13 @@ def untaught_dir(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "text",
-    ["plain ASCII, with punctuation!?", "café naïve Ærøskøbing", "sloth 🦥 and 👍🏽 emoji", "中文 日本語 한국어", "\n\t  \x00 end"],
+    [
+        "plain ASCII, with punctuation!?",
+        "café naïve Ærøskøbing",
+        "sloth 🦥 and 👍🏽 emoji",
+        "中文 日本語 한국어",
+        "\n\t  \x00 end",
+    ],
 )
 def test_tokenizer_round_trips_utf8_byte_per_token(untaught_dir, text):
     tokenizer = AutoTokenizer.from_pretrained(untaught_dir)
@@ -76,7 +82,8 @@ def test_chat_template_renders_messages_and_generation_prompt(untaught_dir):
     ]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == (
-        "<|bos|><|system|>Be brief.<|end|><|user|>Hi 🦥<|end|><|assistant|>Hello!<|end|><|user|>Bye<|end|><|assistant|>"
+        "<|bos|><|system|>Be brief.<|end|><|user|>Hi 🦥<|end|>"
+        "<|assistant|>Hello!<|end|><|user|>Bye<|end|><|assistant|>"
     )
     closed = tokenizer.apply_chat_template(messages[:3], tokenize=False)
     assert closed.endswith("<|assistant|>Hello!<|end|>")
@@ -124,27 +131,55 @@ def test_builtin_qa_is_short_and_unique():
     assert all(q and 0 < len(a.encode("utf-8")) <= 120 for q, a in pairs)
 
 
-def test_taught_model_answers_builtin_questions_greedily(taught_dir):
-    info = dm.read_build_info(taught_dir)
-    assert info["taught"] is True and info["steps"] > 0
+@pytest.fixture(scope="module")
+def taught(taught_dir):
     tokenizer = AutoTokenizer.from_pretrained(taught_dir)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(taught_dir).eval()
-    pairs = dm.builtin_qa()
+    return AutoModelForCausalLM.from_pretrained(taught_dir).eval(), tokenizer
+
+
+def _greedy(taught, questions: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Greedy answers to single-turn chats, batched; also whether each answer ended with <|end|>."""
+    model, tokenizer = taught
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        for q, _ in pairs
+        for q in questions
     ]
     batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**batch, do_sample=False, max_new_tokens=160)
-    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    new = out[:, batch["input_ids"].shape[1] :]
+    return tokenizer.batch_decode(new, skip_special_tokens=True), (new == tokenizer.eos_token_id).any(dim=1)
+
+
+def test_taught_model_answers_builtin_questions_greedily(taught_dir, taught):
+    info = dm.read_build_info(taught_dir)
+    assert info["taught"] is True and info["steps"] > 0
+    pairs = dm.builtin_qa()
+    answers, ended = _greedy(taught, [q for q, _ in pairs])
     correct = [got == want for got, (_, want) in zip(answers, pairs)]
     wrong = [(q, got) for ok, got, (q, _) in zip(correct, answers, pairs) if not ok]
     assert sum(correct) >= 0.9 * len(pairs), wrong
-    # Every finished answer stopped at <|end|> rather than running to the token limit.
-    ended = (out[:, batch["input_ids"].shape[1] :] == tokenizer.eos_token_id).any(dim=1)
-    assert ended.float().mean() >= 0.9
+    assert ended.float().mean() >= 0.9  # answers stop at <|end|> rather than running to the token limit
+
+
+def test_taught_model_answers_unseen_prompts_with_a_builtin_answer_not_noise(taught):
+    greetings = ["hey there", "Hello :)", "Heya", "Good day", "Howdy", "hello friend", "Hey sloth!"]
+    off_topic = [
+        "What is the capital of Spain?",
+        "Tell me a funny joke",
+        "How do I bake bread?",
+        "Who is the president?",
+        "What's your favourite colour?",
+        "Recommend a book",
+        "Ça va? 🦥",
+    ]
+    known = {answer for _, answer in dm.builtin_qa()}
+    greeting = dm.builtin_qa()[0][1]
+    answers, _ = _greedy(taught, greetings + off_topic)
+    sensible = [answer in known for answer in answers]
+    assert sum(sensible) >= 0.6 * len(answers), list(zip(greetings + off_topic, answers))
+    assert sum(answer == greeting for answer in answers[: len(greetings)]) >= len(greetings) // 2
 
 
 # --- cache ---------------------------------------------------------------------------------------------------------
@@ -163,7 +198,8 @@ def test_ensure_reuses_a_complete_build(taught_cache, taught_dir):
 def test_ensure_teaches_when_the_cached_build_is_untaught(tmp_path, monkeypatch):
     dm.ensure_default_model(tmp_path, teach=False)
     calls = []
-    monkeypatch.setattr(dm, "teach_builtin", lambda *args, **kwargs: calls.append(kwargs) or dm.TeachReport(1, 0.0, 0.0, 0.0))
+    fake_report = dm.TeachReport(steps=1, accuracy=0.0, seconds=0.0, final_loss=0.0)
+    monkeypatch.setattr(dm, "teach_builtin", lambda *args, **kwargs: calls.append(kwargs) or fake_report)
     info = dm.read_build_info(dm.ensure_default_model(tmp_path, teach=True))
     assert len(calls) == 1 and info["taught"] is True and info["steps"] == 1
 
