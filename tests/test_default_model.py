@@ -21,11 +21,10 @@ from sloth_daemon import default_model as dm
 
 
 @pytest.fixture(scope="module")
-def taught_cache(tmp_path_factory):
-    """A cache dir holding one taught sloth-tiny build (made by `ensure_default_model`)."""
-    cache = tmp_path_factory.mktemp("model-cache")
-    dm.ensure_default_model(cache, teach=True, max_seconds=300)
-    return cache
+def taught_cache(tiny_model):
+    """The cache dir holding the session's one taught sloth-tiny build (`tiny_model` in tests/conftest.py, made by
+    `ensure_default_model`)."""
+    return tiny_model.parent
 
 
 @pytest.fixture(scope="module")
