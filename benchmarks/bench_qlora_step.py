@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "make_checkpoint":
         make_checkpoint(args)
         return 0
+    if args.worker == "unsloth":
+        import unsloth  # noqa: F401 - Unsloth patches transformers at import: it must come first
     if args.worker:
         result = worker(args.worker, args)
         args.result.write_text(json.dumps(result))

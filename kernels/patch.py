@@ -18,8 +18,9 @@ What is swapped in, module by module:
   projections run as one `lora_qkv` before the original forward, which then receives those outputs when it calls
   `self.q_proj(hidden_states)` etc. (so the family's own attention code, caches, masks, soft-capping and sliding
   windows are kept as they are). o_proj goes through `lora_o`. Phi-3's fused qkv_proj goes through `lora_o` too.
-- MLP: `lora_mlp` (gate, up, down and the gated activation in one autograd node) when gate/up/down qualify;
-  otherwise the original projections with the `swiglu` (silu) / `geglu` (gelu tanh or erf) kernel between them.
+- MLP: `lora_mlp` (gate, up, down and the gated activation in one autograd node) when gate/up/down qualify (with
+  our checkpointing on, it keeps gate/up for its backward instead of recomputing them: the layer re-run already
+  recomputed them; `SLOTH_MLP_RECOMPUTE` in the environment overrides); otherwise the original projections with the `swiglu` (silu) / `geglu` (gelu tanh or erf) kernel between them.
   Phi-3's gate_up_proj / down_proj: each through `lora_o` when it qualifies, `swiglu` on the two halves.
 - Loss: the CausalLM's forward. When labels are given and the model trains with grad enabled it runs the decoder
   and `fused_linear_cross_entropy` on the last hidden state (causal shift as HF's `ForCausalLMLoss`, mean over
@@ -54,12 +55,14 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+import sloth_kernels.lora_linear as lora_linear_module
 from sloth_kernels.checkpoint import enable_checkpointing
 from sloth_kernels.cross_entropy import fused_linear_cross_entropy
 from sloth_kernels.lora_linear import LoraNotApplicable, lora_mlp, lora_o, lora_parts, lora_qkv
@@ -258,6 +261,7 @@ class _Patcher:
         self.base, self.family, self.report = base, family, report
         self.modeling = importlib.import_module(family.module)
         self.undo: list = []
+        self.mlp_recompute: bool | None = None  # lora_mlp's MLP_RECOMPUTE during our calls; None: leave it
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def set_forward(self, module: torch.nn.Module, forward, kind: str | None) -> None:
@@ -400,14 +404,21 @@ class _Patcher:
             report.fallback("mlp", problem)
         fused = problem is None
 
+        recompute = self.mlp_recompute
+
         def forward(x):
             if fused:
+                saved = lora_linear_module.MLP_RECOMPUTE
+                if recompute is not None:
+                    lora_linear_module.MLP_RECOMPUTE = recompute  # read when lora_mlp decides what to save
                 try:
                     out = lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation)
                     report.calls["mlp"] += 1
                     return out
                 except LoraNotApplicable as exc:
                     report.fallback("mlp", str(exc))
+                finally:
+                    lora_linear_module.MLP_RECOMPUTE = saved
             report.calls["glu"] += 1
             return mlp.down_proj(glu(mlp.gate_proj(x), mlp.up_proj(x)))
 
@@ -494,6 +505,10 @@ class _Patcher:
         layers = getattr(decoder, "layers", None)
         if not isinstance(layers, torch.nn.ModuleList):
             raise ValueError(f"{type(self.base).__name__} has no decoder layers at .model.layers")
+        if checkpointing and "SLOTH_MLP_RECOMPUTE" not in os.environ:
+            # The checkpointed layer is re-run before its backward anyway: lora_mlp then keeps gate/up for the
+            # backward (one layer's worth at a time) instead of computing them a third time.
+            self.mlp_recompute = False
         self.rope_installed = _install_rope(self.modeling)
         if self.rope_installed:
             self.undo.append(functools.partial(_uninstall_rope, self.modeling))

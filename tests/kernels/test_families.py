@@ -13,9 +13,10 @@ right padding, so ignore_index and the attention mask go through the patched cod
   switch, checkpointing) over a whole run. On CUDA both tests run the Triton kernels (fp32 and bf16).
 - `test_nf4_llama`: the same with a 4-bit (bitsandbytes NF4, double quant) base, Llama only, interpreter on CPU.
 
-Tolerances: fp32 losses 1e-4 relative, grads/logits 1e-3 of their largest element, trained weights 1e-3 in norm (the
-kernels reassociate sums); bf16 1e-2 relative losses per the issue (2e-2 after 20 steps, as rounding differences
-compound) and 5e-2 for grads, logits and trained weights.
+Tolerances (`_compare`): fp32: patched vs unpatched, losses 1e-4 relative, grads/logits 1e-3 of their largest
+element, trained weights 1e-3 in norm (the kernels reassociate sums). bf16 (CUDA): an fp32 run of the same model is
+the yardstick; the patched run's error must stay within max(floor, 3x the unpatched bf16 run's own error), floors
+1e-2 relative for losses (the issue's figure) and 5e-2 for grads, logits and weights.
 """
 
 from __future__ import annotations
@@ -106,22 +107,40 @@ def _batches(n: int, device: str, seed: int = 0, distinct: int = 4):
 
 
 def _tol(dtype):
+    """(loss, grads/logits/weights) floors: fp32 tight, bf16 per the issue."""
     return (1e-4, 1e-3) if dtype == torch.float32 else (1e-2, 5e-2)
 
 
-def _assert_close(got, ref, rel, what):
-    """|got - ref| <= rel * max|ref| elementwise (a magnitude-scaled tolerance: grads of tiny models vary widely)."""
-    got, ref = got.detach().float().cpu(), ref.detach().float().cpu()
-    err = (got - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= rel * max(scale, 1e-6), f"{what}: max error {err:.3g} vs magnitude {scale:.3g}"
+SLACK = 3.0  # bf16: patched may deviate from fp32 up to SLACK x what plain HF's own bf16 run deviates
 
 
-def _assert_norm_close(got, ref, rel, what):
-    """||got - ref|| <= rel * ||ref||: trained weights (AdamW moves near-zero-grad elements by +-lr either way)."""
-    got, ref = got.detach().float().cpu(), ref.detach().float().cpu()
-    err, scale = (got - ref).norm().item(), ref.norm().item()
-    assert err <= rel * scale, f"{what}: error norm {err:.3g} vs norm {scale:.3g}"
+def _rel(got, ref, norm=False):
+    """Relative error: largest |got - ref| over largest |ref| (norm=True: ||got - ref|| / ||ref||)."""
+    got = torch.as_tensor(got).detach().float().cpu()
+    ref = torch.as_tensor(ref).detach().float().cpu()
+    if norm:
+        return ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+
+
+def _compare(what, patched, plain, truth=None, floor=1e-3, norm=False):
+    """Each entry of `patched` (a dict name -> tensor) against the unpatched run.
+
+    fp32 (truth None): patched vs plain, entry by entry, within `floor`. bf16: HF's own bf16 run is not exact
+    either (peft keeps the LoRA branch in fp32, we compute it in bf16; the rounding points differ), so both runs are
+    measured against an fp32 run of the same model and the patched one's worst error must stay within
+    max(floor, SLACK x the plain one's worst error).
+    """
+    assert patched.keys() == plain.keys(), what
+    if truth is None:
+        for name in patched:
+            err = _rel(patched[name], plain[name], norm)
+            assert err <= floor, f"{what} {name}: relative error {err:.3g} > {floor}"
+        return
+    worst = max(_rel(patched[n], truth[n], norm) for n in patched)
+    worst_plain = max(_rel(plain[n], truth[n], norm) for n in patched)
+    bound = max(floor, SLACK * worst_plain)
+    assert worst <= bound, f"{what}: patched error {worst:.3g} vs fp32 > {bound:.3g} (plain bf16: {worst_plain:.3g})"
 
 
 def _lora_params(model):
@@ -144,29 +163,30 @@ def _check_report(family, model, checkpointing=True):
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_step_and_logits(family, device, dtype):
     plain, patched = _tiny(family, device, dtype), _tiny(family, device, dtype)
+    truth = _tiny(family, device, torch.float32) if dtype != torch.float32 else None
     patch_model(patched, force=True, checkpointing=False)
     report = _check_report(family, patched, checkpointing=False)
     loss_tol, rel = _tol(dtype)
     (batch,) = _batches(1, device)
+    models = {"plain": plain, "patched": patched, **({"truth": truth} if truth is not None else {})}
 
-    losses = []
-    for model in (plain, patched):
+    losses, grads = {}, {}
+    for key, model in models.items():
         out = model(**batch)
         out.loss.backward()
-        losses.append(out.loss.detach())
+        losses[key] = {"loss": out.loss.detach()}
+        grads[key] = {n: p.grad for n, p in _lora_params(model).items()}
     assert patched(**batch).logits is None  # training with labels: the fused loss, no logits
-    torch.testing.assert_close(losses[1], losses[0], rtol=loss_tol, atol=0)
-    grads_plain, grads_patched = _lora_params(plain), _lora_params(patched)
-    assert grads_plain.keys() == grads_patched.keys()
-    for name, p in grads_plain.items():
-        _assert_close(grads_patched[name].grad, p.grad, rel, f"grad {name}")
+    _compare("loss", losses["patched"], losses["plain"], losses.get("truth"), loss_tol)
+    _compare("grads", grads["patched"], grads["plain"], grads.get("truth"), rel)
 
-    for model in (plain, patched):
+    logits = {}
+    for key, model in models.items():
         model.eval()
-    with torch.no_grad():
-        ref = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        got = patched(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    _assert_close(got, ref, rel, "eval logits")
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits[key] = {"logits": out.logits}
+    _compare("eval logits", logits["patched"], logits["plain"], logits.get("truth"), rel)
     # The kernels really ran (on CPU: under the interpreter).
     for kind in ("rms_norm", "rope", "loss"):
         assert report.calls[kind] > 0, report.calls
@@ -192,20 +212,24 @@ def test_twenty_steps(family, device, dtype, monkeypatch):
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # the references: see the module docstring
     plain, patched = _tiny(family, device, dtype), _tiny(family, device, dtype)
+    truth = _tiny(family, device, torch.float32) if dtype != torch.float32 else None
     patch_model(patched, force=True)
     report = _check_report(family, patched)
-    batches = _batches(20, device, seed=1)
-    ref, got = _train(plain, batches), _train(patched, batches)
-    loss_tol, rel = _tol(dtype)
-    if dtype != torch.float32:
-        loss_tol *= 2
-    for step, (a, b) in enumerate(zip(ref, got)):
-        assert abs(a - b) <= loss_tol * abs(a), f"step {step}: loss {b} vs {a}"
-    assert sum(ref[-4:]) < sum(ref[:4])  # it did learn something (the same 4 batches, 5 times)
-    params_plain, params_patched = _lora_params(plain), _lora_params(patched)
-    for name, p in params_plain.items():
-        _assert_norm_close(params_patched[name], p, rel, f"trained {name}")
+    _check_training(plain, patched, truth, _batches(20, device, seed=1), dtype)
     assert report.calls["loss"] == 20
+
+
+def _check_training(plain, patched, truth, batches, dtype):
+    """Train all given models on `batches`; per-step losses and final LoRA weights must agree (see `_compare`)."""
+    loss_tol, rel = _tol(dtype)
+    runs = {"plain": plain, "patched": patched, **({"truth": truth} if truth is not None else {})}
+    losses = {k: {f"step {i}": v for i, v in enumerate(_train(m, batches))} for k, m in runs.items()}
+    _compare("losses", losses["patched"], losses["plain"], losses.get("truth"), loss_tol)
+    ref = list(losses["plain"].values())
+    if len(ref) >= 8:
+        assert sum(ref[-4:]) < sum(ref[:4])  # it did learn something (the same 4 batches, again and again)
+    weights = {k: dict(_lora_params(m)) for k, m in runs.items()}
+    _compare("trained LoRA weights", weights["patched"], weights["plain"], weights.get("truth"), rel, norm=True)
 
 
 @pytest.fixture(scope="module")
@@ -232,14 +256,9 @@ def _nf4_llama(path, device, dtype):
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_nf4_llama(tiny_llama_dir, device, dtype):
     plain, patched = _nf4_llama(tiny_llama_dir, device, dtype), _nf4_llama(tiny_llama_dir, device, dtype)
+    truth = _nf4_llama(tiny_llama_dir, device, torch.float32) if dtype != torch.float32 else None
     patch_model(patched, force=True)  # with checkpointing: recompute through the NF4 kernels
     report = _check_report("llama", patched)
-    batches = _batches(3 if device == "cpu" else 20, device, seed=2)
-    ref, got = _train(plain, batches), _train(patched, batches)
-    loss_tol, rel = _tol(dtype)
-    for step, (a, b) in enumerate(zip(ref, got)):
-        assert abs(a - b) <= 2 * loss_tol * abs(a), f"step {step}: loss {b} vs {a}"
-    params_plain, params_patched = _lora_params(plain), _lora_params(patched)
-    for name, p in params_plain.items():
-        _assert_norm_close(params_patched[name], p, rel, f"trained {name}")
+    # CPU: 4 interpreted steps (the 4 distinct batches) keep the file's time budget; CUDA: 20.
+    _check_training(plain, patched, truth, _batches(4 if device == "cpu" else 20, device, seed=2), dtype)
     assert report.calls["qkv"] > 0 and report.calls["mlp"] > 0
