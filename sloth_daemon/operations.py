@@ -1,0 +1,220 @@
+"""The daemon's client operations, front-end agnostic: HTTP (`api/http.py`) and ZeroMQ (`api/zmq.py`) both call these.
+
+Contract:
+- Every operation takes an already validated request model from `api/schemas.py` (or plain arguments) and returns a
+  JSON-able dict, or raises `OpError`. `parse(model, data)` validates a raw dict with the same pydantic models and
+  the same error messages as the HTTP API.
+- `OpError.code` is the error's category (`invalid_request`, `unauthorized`, `not_found`, `conflict`,
+  `engine_error`, `internal`, ...), `OpError.status` the HTTP status it maps to, `OpError.reason` an optional
+  specific code (`model_not_found`, `context_length_exceeded`, `nothing_to_train`, `update_running`,
+  `adapter_load_failed`) and `OpError.param` the request field at fault.
+- Generation: `prepare_chat`/`prepare_completion` check the model name and limits *before* any work and return a
+  `Turn`; `run(turn, transport=...)` streams `TextDelta`s then one `TurnDone` through `TurnService` (so both front
+  ends log to the replay store the same way, with their transport name, and honour `store: false`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from sloth_replay import InvalidInput, NotFound, UpdateAlreadyRunning
+
+from .adapters import AdapterNotFound
+from .api.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
+from .engine.base import AdapterLoadError, EngineError, RequestTooLong, SamplingParams, TextDelta
+from .turns import TurnDone
+from .updater import NothingToTrain
+
+if TYPE_CHECKING:
+    from .service import Daemon
+
+# Error categories and the HTTP status each maps to.
+STATUS = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "busy": 429,
+    "internal": 500,
+    "engine_error": 503,
+    "unavailable": 503,
+}
+
+
+class OpError(Exception):
+    def __init__(self, code: str, message: str, *, param: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.param, self.reason = code, message, param, reason
+
+    @property
+    def status(self) -> int:
+        return STATUS.get(self.code, 500)
+
+
+def validation_error(errors: list[dict]) -> OpError:
+    """The first pydantic error as an `invalid_request` OpError naming the field (dotted), as the HTTP API does."""
+    err = errors[0]
+    if err.get("type") == "json_invalid":
+        return OpError("invalid_request", "request body is not valid JSON")
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid request")
+    return OpError("invalid_request", f"{param}: {msg}" if param else msg, param=param)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A validated generation request, ready to run."""
+
+    kind: Literal["chat", "completion"]
+    prompt: Any
+    params: SamplingParams
+    store: bool
+
+
+def usage(done: TurnDone) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+class Operations:
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        served = self.daemon.model_name
+        if name != served:
+            raise OpError("not_found", f"model {name!r} is not served here; GET /v1/models lists {served!r}",
+                          param="model", reason="model_not_found")
+
+    def _checked(self, kind: Literal["chat", "completion"], prompt: Any, params: SamplingParams, store: bool) -> Turn:
+        limit = self.daemon.cfg.generation.max_tokens_limit
+        if params.max_tokens > limit:
+            raise OpError("invalid_request", f"max_tokens {params.max_tokens} exceeds the limit {limit}",
+                          param="max_tokens")
+        try:
+            self.daemon.turns.validate(kind, prompt, params)
+        except RequestTooLong as e:
+            raise OpError("invalid_request", str(e), param="messages" if kind == "chat" else "prompt",
+                          reason="context_length_exceeded") from None
+        return Turn(kind, prompt, params, store)
+
+    def prepare_chat(self, body: ChatCompletionRequest) -> Turn:
+        self.check_model(body.model)
+        gen = self.daemon.cfg.generation
+        return self._checked("chat", body.prompt(), body.sampling(gen, body.max_completion_tokens), body.store)
+
+    def prepare_completion(self, body: CompletionRequest) -> Turn:
+        self.check_model(body.model)
+        return self._checked("completion", body.prompt, body.sampling(self.daemon.cfg.generation), body.store)
+
+    async def run(self, turn: Turn, *, transport: str, turn_id: str | None = None
+                  ) -> AsyncIterator[TextDelta | TurnDone]:
+        """Stream one turn; the engine's failures become `engine_error`."""
+        try:
+            async for ev in self.daemon.turns.run(turn.kind, turn.prompt, turn.params, store=turn.store,
+                                                  transport=transport, turn_id=turn_id):
+                yield ev
+        except EngineError as e:
+            raise OpError("engine_error", str(e), reason="engine_error") from None
+
+    async def collect(self, turn: Turn, *, transport: str) -> TurnDone:
+        async for ev in self.run(turn, transport=transport):
+            if isinstance(ev, TurnDone):
+                return ev
+        raise OpError("internal", "generation ended without a result")
+
+    def models(self) -> dict:
+        d = self.daemon
+        return {"object": "list", "data": [
+            {"id": d.model_name, "object": "model", "created": d.started_at, "owned_by": "sloth-daemon",
+             "adapter": d.engine.current_adapter}
+        ]}
+
+    # -- learning signals ---------------------------------------------------------------------------------------
+    def feedback(self, body: FeedbackRequest) -> dict:
+        store = self.daemon.store
+        try:
+            out = store.add_feedback(body.interaction_id, rating=body.rating, correction=body.correction,
+                                     comment=body.comment)
+        except NotFound:
+            raise OpError("not_found", f"no logged turn with id {body.interaction_id!r} (turns sent with store=false "
+                          "are not logged)", param="interaction_id") from None
+        except InvalidInput as e:
+            raise OpError("invalid_request", str(e)) from None
+        return {**out, "pending_examples": store.count_pending()}
+
+    def teach(self, body: TeachRequest) -> dict:
+        store = self.daemon.store
+        ids, added = [], 0
+        try:
+            for pair in body.examples:
+                ex, created = store.add_taught(pair.as_prompt(), pair.answer)
+                ids.append(ex.id)
+                added += created
+            for doc in body.documents:
+                ex, created = store.add_document(doc)
+                ids.append(ex.id)
+                added += created
+        except (InvalidInput, ValueError) as e:
+            raise OpError("invalid_request", str(e)) from None
+        return {"example_ids": ids, "added": added, "duplicates": len(ids) - added,
+                "pending_examples": store.count_pending()}
+
+    # -- updates and adapters -----------------------------------------------------------------------------------
+    def status(self) -> dict:
+        return self.daemon.status()
+
+    def trigger_update(self) -> dict:
+        try:
+            update_id = self.daemon.updater.start("manual")
+        except NothingToTrain as e:
+            raise OpError("conflict", str(e), reason="nothing_to_train") from None
+        except UpdateAlreadyRunning as e:
+            raise OpError("conflict", f"an update is already running ({e})", reason="update_running") from None
+        return {"update_id": update_id, "status": "running"}
+
+    def updates(self, limit: int = 20) -> dict:
+        return {"data": self.daemon.store.list_updates(limit=max(1, min(limit, 200)))}
+
+    def update(self, update_id: int) -> dict:
+        row = self.daemon.store.get_update(update_id)
+        if row is None:
+            raise OpError("not_found", f"no update {update_id}", param="update_id")
+        return row
+
+    def adapters(self) -> dict:
+        registry = self.daemon.registry
+        return {"current": registry.current(), "data": registry.to_json()}
+
+    async def rollback(self, body: RollbackRequest) -> dict:
+        version = None if body.version == "base" else body.version
+        try:
+            await self.daemon.updater.rollback(version)
+        except AdapterNotFound as e:
+            raise OpError("not_found", str(e), param="version") from None
+        except ValueError as e:
+            raise OpError("invalid_request", str(e), param="version") from None
+        except AdapterLoadError as e:
+            raise OpError("engine_error", str(e), reason="adapter_load_failed") from None
+        return {"current": self.daemon.registry.current()}
+
+    def interactions(self, limit: int = 50, offset: int = 0) -> dict:
+        store = self.daemon.store
+        return {"data": store.list_interactions(limit=max(1, min(limit, 500)), offset=max(0, offset)),
+                "total": store.count_interactions()}
