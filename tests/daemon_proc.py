@@ -67,7 +67,7 @@ class DaemonProcess:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, timeout=120, headers=headers)
 
-    def wait_update(self, update_id: int, timeout: float = 300) -> dict:
+    def wait_update(self, update_id: int, timeout: float = 900) -> dict:
         deadline = time.monotonic() + timeout
         with self.http() as c:
             while time.monotonic() < deadline:

@@ -30,7 +30,7 @@ def _greedy(client: OpenAI, model: str, prompt: str) -> str:
 
 def test_whole_loop_survives_restart(state_dir):
     # Only manual updates here, so the test decides when training happens.
-    env = {"SLOTH_SCHEDULE_ENABLED": "false"}
+    env = {"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_TRAIN_STEPS": "60"}
     daemon = DaemonProcess(state_dir, env=env).start()
     try:
         client = OpenAI(base_url=daemon.url + "/v1", api_key="unused")
