@@ -5,8 +5,10 @@
     sloth-daemon train-now [--wait]           # start an update now (and wait for its verdict)
     sloth-daemon adapters list | rollback VERSION|base
     sloth-daemon replay stats [--state-dir DIR]   # reads replay.db directly; works with the daemon stopped
+    sloth-daemon chat [--zmq ADDR]            # interactive chat over ZeroMQ with /up /down /fix /teach /status
 
-Client commands talk to the running daemon over HTTP at `--url` (default: http://<host>:<port> from the config).
+Client commands talk to the running daemon over HTTP at `--url` (default: http://<host>:<port> from the config);
+`chat` over ZeroMQ at `--zmq` (default: the config's `zmq` address).
 Exit codes: 0 success, 1 the daemon refused or failed the request (message printed), 2 bad usage or configuration,
 3 the daemon is not reachable.
 """
@@ -149,6 +151,21 @@ def cmd_adapters(args: argparse.Namespace) -> None:
     console.print(t)
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .api.zmq_protocol import resolve_addresses
+    from .chat import run_chat
+    from .client import SlothClient
+
+    cfg = _config(args)
+    addresses = resolve_addresses(cfg.zmq, cfg.state_dir)
+    if not addresses:
+        _die(EXIT_USAGE, "ZeroMQ is off in the configuration (zmq = 'off'); pass --zmq ADDRESS")
+    with SlothClient(addresses[0], timeout=args.timeout, api_key=cfg.api_key) as client:
+        code = run_chat(client, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
+                        connect_timeout=min(args.timeout, 10))
+    sys.exit(code)
+
+
 def cmd_replay(args: argparse.Namespace) -> None:
     from sloth_replay import ReplayStore
 
@@ -213,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["list", "rollback"])
     s.add_argument("version", nargs="?")
     s.set_defaults(fn=cmd_adapters)
+
+    s = sub.add_parser("chat", help="interactive chat over ZeroMQ, with /up /down /fix /teach (see /help)")
+    s.add_argument("--zmq", help="daemon ZeroMQ address (default from the config: ipc://<state-dir>/api.sock)")
+    s.add_argument("--state-dir")
+    s.add_argument("--system", help="a system message for the conversation")
+    s.add_argument("--max-tokens", type=int)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--timeout", type=float, default=120, help="seconds to wait for each answer (default 120)")
+    s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("replay", help="replay store statistics")
     s.add_argument("action", choices=["stats"])

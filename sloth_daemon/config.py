@@ -105,7 +105,13 @@ class AnchorConfig(_Section):
 class DaemonConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    zmq: str | None = Field(None, description="ZeroMQ address, e.g. ipc:///run/sloth-daemon/api.sock; unset = off")
+    zmq: str = Field(
+        "auto",
+        description="ZeroMQ address(es), comma-separated ipc://PATH or tcp://HOST:PORT; 'auto' = "
+        "ipc://$RUNTIME_DIRECTORY/api.sock under systemd, else ipc://<state_dir>/api.sock; 'off' = no ZeroMQ",
+    )
+    zmq_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger ZeroMQ requests are refused")
+    zmq_max_inflight: int = Field(16, ge=1, description="requests one ZeroMQ client may have running at once")
     state_dir: Path = Field(Path("./sloth-state"), validate_default=True)
     model: str | None = Field(None, description="local Hugging Face model folder; unset = built-in tiny model")
     served_model_name: str | None = Field(None, description="name in /v1/models; default: the model folder's name")
@@ -124,6 +130,20 @@ class DaemonConfig(_Section):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("zmq")
+    @classmethod
+    def _zmq_addresses(cls, v: str) -> str:
+        from .api.zmq_protocol import check_address
+
+        v = v.strip()
+        if v not in ("auto", "off"):
+            addresses = [a.strip() for a in v.split(",") if a.strip()]
+            if not addresses:
+                raise ValueError("give 'auto', 'off' or ipc://PATH / tcp://HOST:PORT addresses")
+            for a in addresses:
+                check_address(a)
+        return v
 
     @property
     def replay_db(self) -> Path:

@@ -15,6 +15,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, TypeVar
 
@@ -126,10 +127,12 @@ class Operations:
     async def run(self, turn: Turn, *, transport: str, turn_id: str | None = None
                   ) -> AsyncIterator[TextDelta | TurnDone]:
         """Stream one turn; the engine's failures become `engine_error`."""
+        events = self.daemon.turns.run(turn.kind, turn.prompt, turn.params, store=turn.store, transport=transport,
+                                       turn_id=turn_id)
         try:
-            async for ev in self.daemon.turns.run(turn.kind, turn.prompt, turn.params, store=turn.store,
-                                                  transport=transport, turn_id=turn_id):
-                yield ev
+            async with contextlib.aclosing(events):  # closed now, not at garbage collection: the engine stops at once
+                async for ev in events:
+                    yield ev
         except EngineError as e:
             raise OpError("engine_error", str(e), reason="engine_error") from None
 

@@ -2,9 +2,9 @@
 
 Start-up order (each step needs the one before): state dir → replay store (an update left `running` by a crash is
 marked failed) → adapter registry (half-written adapters removed) → model folder (the built-in tiny model is built
-on first use) → engine → the promoted adapter from CURRENT is loaded → scheduler. Anchors are made in the
-background; updates wait for them. `GET /health` answers once all this is done (uvicorn accepts connections only
-after the lifespan start-up returns).
+on first use) → engine → the promoted adapter from CURRENT is loaded → scheduler → ZeroMQ sockets (`zmq`; they
+stop first). Anchors are made in the background; updates wait for them. `GET /health` answers once all this is done
+(uvicorn accepts connections only after the lifespan start-up returns).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from . import __version__
 from .adapters import AdapterRegistry
 from .anchors import ensure_anchors
 from .api.http import create_app
+from .api.zmq import ZmqBindError, ZmqServer
+from .api.zmq_protocol import resolve_addresses
 from .config import DaemonConfig
 from .engine.base import AdapterLoadError, Engine
 from .scheduler import UpdateScheduler
@@ -66,6 +68,7 @@ class Daemon:
         self.updater: Updater
         self.scheduler: UpdateScheduler
         self.model_name = ""
+        self.zmq: ZmqServer | None = None
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -92,8 +95,26 @@ class Daemon:
         self.scheduler = UpdateScheduler(cfg.schedule, self.updater)
         self.scheduler.start()
         self._spawn(self._make_anchors())
+        await self._start_zmq()
         log.info("serving %s (%s engine) with adapter %s; state in %s", self.model_name, self.engine.name,
                  current or "none (base model)", cfg.state_dir)
+
+    async def _start_zmq(self) -> None:
+        cfg = self.cfg
+        addresses = resolve_addresses(cfg.zmq, cfg.state_dir)
+        if not addresses:
+            return
+        server = ZmqServer(self, addresses, max_message_bytes=cfg.zmq_max_message_bytes,
+                           max_inflight=cfg.zmq_max_inflight, api_key=cfg.api_key)
+        try:
+            await server.start()
+        except ZmqBindError as e:
+            if cfg.zmq != "auto":
+                raise
+            # The default socket must not keep the HTTP API from serving; an explicit address must.
+            log.error("%s; serving without ZeroMQ (set zmq to an address, or 'off')", e)
+            return
+        self.zmq = server
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -110,6 +131,8 @@ class Daemon:
             self.updater.ready.set()
 
     async def stop(self) -> None:
+        if self.zmq is not None:
+            await self.zmq.stop()
         self.scheduler.shutdown()
         await self.updater.stop()
         for task in list(self._background):
@@ -131,6 +154,7 @@ class Daemon:
             "scheduler": self.scheduler.next_runs(),
             "in_flight": {str(k): v for k, v in self.engine.in_flight().items()},
             "state_dir": str(self.cfg.state_dir),
+            "zmq": [ep.address for ep in self.zmq.endpoints] if self.zmq else [],
         }
 
 

@@ -1,0 +1,448 @@
+"""The ZeroMQ front end: ROUTER sockets on the daemon's event loop serving the same operations as the HTTP API.
+
+Contract (wire format: `api/zmq_protocol.py` and docs/zmq-protocol.md):
+- `ZmqServer(daemon, addresses, ...)`: `start()` binds one ROUTER per address (an IPC socket file gets mode 0600;
+  TCP off loopback is logged as a warning). Once the daemon is stopping (`daemon.stopping`, SIGTERM) new requests
+  get `unavailable` while running ones go on; `stop()` tells those still running that the daemon is going away,
+  cancels them and closes the sockets.
+- Each request runs in its own task through `sloth_daemon.operations`, so semantics, errors and replay-store logging
+  (transport "zmq", `store: false` honoured) are the HTTP API's. Generation streams `chunk` messages (with
+  `stream: true`) and ends with one `final` or `error` message; other ops answer one `result` or `error`.
+- Nothing a peer sends can stall or crash the loop: malformed messages get an `error` reply (id null when the id is
+  unreadable); messages over `max_message_bytes` get `too_large`, frames over twice that are cut off by libzmq
+  (ZMQ_MAXMSGSIZE), which drops the connection; a client has at most `max_inflight` requests at once (`busy`).
+  Sends never block: a peer that is gone (EHOSTUNREACH, via ROUTER_MANDATORY) or does not read for
+  `SEND_TIMEOUT_S` has its requests cancelled; an unfinished turn is then not logged.
+- With an API key configured (`api_key`, read per request: a SIGHUP reload may change it), requests on TCP endpoints
+  must carry it as `key`; IPC sockets rely on file permissions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.asyncio
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine.base import TextDelta
+from ..operations import OpError, Operations, parse, usage
+from ..turns import TurnDone
+from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
+from .zmq_protocol import ENVELOPE_KEYS, MAX_IPC_PATH_BYTES, OPS, VERSION, ProtocolError, decode, encode, valid_id
+
+if TYPE_CHECKING:
+    from ..service import Daemon
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 10.0  # how long a stream waits for a peer that does not read before giving up on it
+HWM = 10_000  # messages queued per peer before sends report EAGAIN
+
+
+class ZmqBindError(RuntimeError):
+    """An address could not be bound (in use, bad path, permissions)."""
+
+
+class _UpdatesQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    limit: int = 20
+    update_id: int | None = None
+
+
+class _InteractionsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    limit: int = 50
+    offset: int = 0
+
+
+class _CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: str | int = Field(description="the id of the request to cancel")
+
+
+@dataclass
+class _Endpoint:
+    index: int
+    address: str
+    sock: zmq.asyncio.Socket
+    tcp: bool  # requests need the API key (when one is set: it is read per request, a reload may change it)
+    ipc_path: Path | None
+
+
+@dataclass
+class _Request:
+    ep: _Endpoint
+    envelope: list[bytes]  # the routing frames to answer with: [identity] or [identity, b""]
+    id: Any
+    encoding: str
+    task: asyncio.Task | None = None
+    cancel_reason: str | None = None  # "cancelled" (cancel op), "gone" (peer vanished), "shutdown"
+
+    @property
+    def client(self) -> tuple[int, bytes]:
+        return (self.ep.index, self.envelope[0])
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(rid: Any, code: str, message: str, **extra: Any) -> dict:
+    return {"v": VERSION, "id": rid, "type": "error", "code": code, "message": message, **extra}
+
+
+def _op_error(rid: Any, e: OpError) -> dict:
+    return _error(rid, e.code, e.message, param=e.param, reason=e.reason)
+
+
+class ZmqServer:
+    def __init__(self, daemon: "Daemon", addresses: list[str], *, max_message_bytes: int, max_inflight: int,
+                 api_key: str | None = None):
+        self.daemon = daemon
+        self.ops = Operations(daemon)
+        self.addresses = addresses
+        self.max_message_bytes = max_message_bytes
+        self.max_inflight = max_inflight
+        self.api_key = api_key
+        self.ctx: zmq.asyncio.Context | None = None
+        self.endpoints: list[_Endpoint] = []
+        self._recv_tasks: list[asyncio.Task] = []
+        self._clients: dict[tuple[int, bytes], dict[Any, _Request]] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        try:
+            for i, address in enumerate(self.addresses):
+                self.endpoints.append(self._bind(i, address))
+        except BaseException:
+            self._close_sockets()
+            raise
+        loop = asyncio.get_running_loop()
+        for ep in self.endpoints:
+            self._recv_tasks.append(loop.create_task(self._recv_loop(ep), name=f"zmq-recv-{ep.address}"))
+            log.info("ZeroMQ API on %s", ep.address)
+
+    async def stop(self) -> None:
+        for task in self._recv_tasks:
+            task.cancel()
+        tasks = []
+        for requests in list(self._clients.values()):
+            for req in list(requests.values()):
+                req.cancel_reason = "shutdown"
+                if req.task is not None:
+                    req.task.cancel()
+                    tasks.append(req.task)
+        await asyncio.gather(*self._recv_tasks, *tasks, return_exceptions=True)
+        self._recv_tasks.clear()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for ep in self.endpoints:
+            ep.sock.close(linger=200)  # a moment for the last messages (e.g. "shutting down") to go out
+            if ep.ipc_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(ep.ipc_path.lstat().st_mode):
+                        ep.ipc_path.unlink()
+        self.endpoints.clear()
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+
+    # -- binding --------------------------------------------------------------------------------------------------
+    def _bind(self, index: int, address: str) -> _Endpoint:
+        assert self.ctx is not None
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise EHOSTUNREACH: we learn a peer is gone
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)  # libzmq drops a peer sending a larger frame
+        sock.setsockopt(zmq.SNDHWM, HWM)
+        sock.setsockopt(zmq.RCVHWM, HWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        ipc_path = None
+        try:
+            if address.startswith("ipc://"):
+                ipc_path = self._bind_ipc(sock, address)
+            elif address.startswith("tcp://"):
+                host = address[len("tcp://"):].rpartition(":")[0]
+                if not _is_loopback(host):
+                    log.warning("ZeroMQ API bound to %s, which is not loopback: anyone who can reach it can use "
+                                "the daemon%s", address, "" if self.api_key else " (set api_key to require a key)")
+                sock.bind(address)
+            else:
+                raise ZmqBindError(f"zmq: unsupported address {address!r} (use ipc://PATH or tcp://HOST:PORT)")
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            raise ZmqBindError(f"zmq: cannot bind {address}: {e}") from None
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return _Endpoint(index, address, sock, address.startswith("tcp://"), ipc_path)
+
+    def _bind_ipc(self, sock: zmq.asyncio.Socket, address: str) -> Path | None:
+        target = address[len("ipc://"):]
+        if target.startswith("@"):  # Linux abstract namespace: no file, so no permissions either
+            log.warning("ZeroMQ API on the abstract socket %s: any local user can connect", address)
+            sock.bind(address)
+            return None
+        path = Path(target).expanduser().absolute()
+        if len(os.fsencode(str(path))) > MAX_IPC_PATH_BYTES:
+            raise ZmqBindError(f"zmq: IPC socket path {path} is longer than {MAX_IPC_PATH_BYTES} bytes")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.parent.stat()
+        if st.st_uid != os.getuid() or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            log.warning("the folder of the ZeroMQ socket %s is not owned by this user or is writable by others; "
+                        "someone else could replace the socket", path)
+        if path.exists() and _socket_alive(path):
+            raise ZmqBindError(f"zmq: {path} is in use by a running process (another daemon?)")
+        # The socket file is created 0600 (umask), closing the window a chmod after bind would leave open.
+        old = os.umask(0o177)
+        try:
+            sock.bind(f"ipc://{path}")
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        return path
+
+    # -- receiving ------------------------------------------------------------------------------------------------
+    async def _recv_loop(self, ep: _Endpoint) -> None:
+        while True:
+            try:
+                frames = await ep.sock.recv_multipart()
+            except zmq.ZMQError as e:
+                if e.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                    return
+                log.warning("zmq: receive failed on %s: %s", ep.address, e)
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                self._dispatch(ep, frames)
+            except Exception:  # a bug here must not end the receive loop
+                log.exception("zmq: dropped a message that could not be dispatched")
+            # A queued message is received without suspending; yield so that a flood of messages cannot starve the
+            # requests already running (and every request task starts before a cancel for it can arrive).
+            await asyncio.sleep(0)
+
+    def _dispatch(self, ep: _Endpoint, frames: list[bytes]) -> None:
+        identity, rest = frames[0], frames[1:]
+        if len(rest) == 2 and rest[0] == b"":
+            envelope, payload = [identity, b""], rest[1]
+        elif len(rest) == 1:
+            envelope, payload = [identity], rest[0]
+        else:
+            envelope = [identity, b""] if rest and rest[0] == b"" else [identity]
+            self._reply_now(ep, envelope, "json", _error(
+                None, "invalid_message", f"expected one payload frame (after an optional empty delimiter), "
+                f"got {len(rest)} frames"))
+            return
+        if len(payload) > self.max_message_bytes:
+            self._reply_now(ep, envelope, "json", _error(
+                None, "too_large", f"message of {len(payload)} bytes exceeds the limit of {self.max_message_bytes}"))
+            return
+        try:
+            msg, encoding = decode(payload)
+        except ProtocolError as e:
+            self._reply_now(ep, envelope, "json", _error(None, "invalid_message", str(e)))
+            return
+        if not isinstance(msg, dict):
+            self._reply_now(ep, envelope, encoding, _error(None, "invalid_message", "payload must be an object"))
+            return
+        rid = msg.get("id")
+        if not valid_id(rid):
+            self._reply_now(ep, envelope, encoding, _error(
+                None, "invalid_message", "id: required, a non-empty string (at most 128 characters) or an integer"))
+            return
+        if msg.get("v") != VERSION:
+            self._reply_now(ep, envelope, encoding, _error(
+                rid, "unsupported_version", f"v: this daemon speaks protocol version {VERSION}, got {msg.get('v')!r}"))
+            return
+        op = msg.get("op")
+        if op not in OPS:
+            self._reply_now(ep, envelope, encoding, _error(
+                rid, "unknown_op", f"op: unknown operation {op!r}; one of {', '.join(OPS)}"))
+            return
+        key = self.api_key
+        if ep.tcp and key and not (isinstance(msg.get("key"), str)
+                                   and hmac.compare_digest(msg["key"].encode(), key.encode())):
+            self._reply_now(ep, envelope, encoding, _error(rid, "unauthorized",
+                                                           "missing or wrong API key (send it as 'key')"))
+            return
+        if getattr(self.daemon, "stopping", False):  # SIGTERM: what runs may finish, nothing new starts
+            self._reply_now(ep, envelope, encoding, _error(rid, "unavailable", "the daemon is shutting down"))
+            return
+        requests = self._clients.setdefault((ep.index, identity), {})
+        if rid in requests:
+            self._reply_now(ep, envelope, encoding, _error(rid, "invalid_request", f"id {rid!r} is already in flight"))
+            return
+        fields = {k: v for k, v in msg.items() if k not in ENVELOPE_KEYS}
+        if op == "cancel":
+            self._cancel(ep, envelope, encoding, rid, fields, requests)
+            return
+        if len(requests) >= self.max_inflight:
+            self._reply_now(ep, envelope, encoding, _error(
+                rid, "busy", f"this client already has {len(requests)} requests in flight (limit {self.max_inflight})"))
+            return
+        req = _Request(ep, envelope, rid, encoding)
+        requests[rid] = req
+        req.task = asyncio.get_running_loop().create_task(self._handle(req, op, fields), name=f"zmq-{op}")
+        req.task.add_done_callback(lambda task: self._finished(req, task))
+
+    def _cancel(self, ep: _Endpoint, envelope: list[bytes], encoding: str, rid: Any, fields: dict,
+                requests: dict[Any, _Request]) -> None:
+        try:
+            target = parse(_CancelRequest, fields).target
+        except OpError as e:
+            self._reply_now(ep, envelope, encoding, _op_error(rid, e))
+            return
+        req = requests.get(target)
+        if req is not None and req.task is not None and not req.task.done():
+            req.cancel_reason = "cancelled"
+            req.task.cancel()
+        self._reply_now(ep, envelope, encoding, {"v": VERSION, "id": rid, "type": "result", "op": "cancel",
+                                                  "result": {"cancelled": req is not None}})
+
+    # -- handling -------------------------------------------------------------------------------------------------
+    async def _handle(self, req: _Request, op: str, fields: dict) -> None:
+        try:
+            if op in ("chat", "complete"):
+                await self._generate(req, op, fields)
+            else:
+                result = await self._call(op, fields)
+                await self._send(req, {"v": VERSION, "id": req.id, "type": "result", "op": op, "result": result})
+        except OpError as e:
+            await self._send(req, _op_error(req.id, e))
+        except Exception as e:
+            log.exception("zmq: %s failed", op)
+            await self._send(req, _error(req.id, "internal", f"{e.__class__.__name__}: {e}"))
+
+    def _finished(self, req: _Request, task: asyncio.Task) -> None:
+        """Runs for every request task, also one cancelled before it started: free its slot, say why it ended."""
+        if task.cancelled():
+            if req.cancel_reason == "cancelled":
+                self._try_send(req, _error(req.id, "cancelled", "the request was cancelled"))
+            elif req.cancel_reason == "shutdown":
+                self._try_send(req, _error(req.id, "unavailable", "the daemon is shutting down"))
+        elif task.exception() is not None:
+            log.error("zmq: request task failed", exc_info=task.exception())
+        requests = self._clients.get(req.client)
+        if requests is not None and requests.get(req.id) is req:
+            del requests[req.id]
+            if not requests:
+                del self._clients[req.client]
+
+    async def _call(self, op: str, fields: dict) -> dict:
+        ops = self.ops
+        if op == "feedback":
+            return ops.feedback(parse(FeedbackRequest, fields))
+        if op == "teach":
+            return ops.teach(parse(TeachRequest, fields))
+        if op == "status":
+            return ops.status()
+        if op == "trigger_update":
+            return ops.trigger_update()
+        if op == "models":
+            return ops.models()
+        if op == "updates":
+            q = parse(_UpdatesQuery, fields)
+            return ops.update(q.update_id) if q.update_id is not None else ops.updates(q.limit)
+        if op == "adapters":
+            return ops.adapters()
+        if op == "rollback":
+            return await ops.rollback(parse(RollbackRequest, fields))
+        if op == "interactions":
+            q = parse(_InteractionsQuery, fields)
+            return ops.interactions(q.limit, q.offset)
+        raise OpError("internal", f"op {op!r} has no handler")
+
+    async def _generate(self, req: _Request, op: str, fields: dict) -> None:
+        fields.setdefault("model", self.daemon.model_name)
+        if op == "chat":
+            body: ChatCompletionRequest | CompletionRequest = parse(ChatCompletionRequest, fields)
+            turn = self.ops.prepare_chat(body)
+        else:
+            body = parse(CompletionRequest, fields)
+            turn = self.ops.prepare_completion(body)
+        events = self.ops.run(turn, transport="zmq")
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                if isinstance(ev, TextDelta):
+                    if body.stream and ev.text:
+                        msg = {"v": VERSION, "id": req.id, "type": "chunk", "text": ev.text}
+                        if not await self._send(req, msg):
+                            return  # the peer is gone: closing the stream cancels the turn (never logged)
+                elif isinstance(ev, TurnDone):
+                    await self._send(req, {
+                        "v": VERSION, "id": req.id, "type": "final", "interaction_id": ev.id, "text": ev.text,
+                        "finish_reason": ev.finish_reason, "usage": usage(ev), "adapter_version": ev.adapter_version,
+                        "logged": ev.logged, "model": self.daemon.model_name})
+                    return
+
+    # -- sending --------------------------------------------------------------------------------------------------
+    def _send_frames(self, ep: _Endpoint, frames: list[bytes]) -> str:
+        """One non-blocking send: "ok", "again" (the peer's queue is full) or "gone" (no such peer any more)."""
+        fut = ep.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        exc = fut.exception() if fut.done() else None  # NOBLOCK sends complete (or fail) within the call
+        if exc is None:
+            return "ok"
+        if isinstance(exc, zmq.Again):
+            return "again"
+        if isinstance(exc, zmq.ZMQError) and exc.errno in (zmq.EHOSTUNREACH, zmq.ENOTSOCK, zmq.ETERM):
+            return "gone"
+        raise exc
+
+    def _reply_now(self, ep: _Endpoint, envelope: list[bytes], encoding: str, msg: dict) -> None:
+        """Answer a message that never became a request; dropped if the peer cannot take it right now."""
+        self._send_frames(ep, [*envelope, encode(msg, encoding)])  # type: ignore[arg-type]
+
+    def _try_send(self, req: _Request, msg: dict) -> None:
+        with contextlib.suppress(Exception):
+            self._send_frames(req.ep, [*req.envelope, encode(msg, req.encoding)])  # type: ignore[arg-type]
+
+    async def _send(self, req: _Request, msg: dict) -> bool:
+        """Send without blocking the loop; False (and the peer's other requests cancelled) if it is gone or stuck."""
+        frames = [*req.envelope, encode(msg, req.encoding)]  # type: ignore[arg-type]
+        deadline = time.monotonic() + SEND_TIMEOUT_S
+        delay = 0.002
+        while True:
+            result = self._send_frames(req.ep, frames)
+            if result == "ok":
+                return True
+            if result == "gone" or time.monotonic() > deadline:
+                self._drop_client(req, "gone" if result == "gone" else "not reading")
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _drop_client(self, req: _Request, why: str) -> None:
+        log.info("zmq: client on %s is %s; cancelling its requests", req.ep.address, why)
+        for other in list(self._clients.get(req.client, {}).values()):
+            if other is not req and other.task is not None:
+                other.cancel_reason = "gone"
+                other.task.cancel()
+
+
+def _socket_alive(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket at `path` (a stale file from a crash does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
