@@ -193,7 +193,11 @@ class VllmServer:
             proc = self._proc
             assert proc is not None
             started = time.monotonic()
-            code = await proc.wait()
+            # Not proc.wait(): that also waits for stdout to close, which vLLM's engine-core child (same pipe)
+            # keeps open after the API server itself died.
+            while proc.returncode is None:
+                await asyncio.sleep(0.2)
+            code = proc.returncode
             if self._stopping:
                 return
             with contextlib.suppress(ProcessLookupError):  # leftover engine-core children of the dead server
