@@ -25,6 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from . import testhooks
+
 META_FILE = "sloth_adapter.json"
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
@@ -115,6 +117,7 @@ class AdapterRegistry:
         )
         (staging / META_FILE).write_text(info.model_dump_json(indent=2))
         fsync_tree(staging)
+        testhooks.hold("adapter-commit")  # crash tests stop here: written, not yet published
         os.rename(staging, self.root / version)  # atomic publish; fails loudly if the name exists
         _fsync_dir(self.root)
         return info

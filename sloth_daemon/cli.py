@@ -5,6 +5,7 @@
     sloth-daemon train-now [--wait]           # start an update now (and wait for its verdict)
     sloth-daemon adapters list | rollback VERSION|base
     sloth-daemon replay stats [--state-dir DIR]   # reads replay.db directly; works with the daemon stopped
+    sloth-daemon install-service [--user NAME] [--prefix DIR] [--dry-run]   # install the systemd service
     sloth-daemon chat [--zmq ADDR]            # interactive chat over ZeroMQ with /up /down /fix /teach /status
 
 Client commands talk to the running daemon over HTTP at `--url` (default: http://<host>:<port> from the config);
@@ -38,8 +39,8 @@ def _die(code: int, message: str) -> NoReturn:
     sys.exit(code)
 
 
-def _config(args: argparse.Namespace) -> DaemonConfig:
-    overrides = {
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
         "model": getattr(args, "model", None),
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
@@ -47,8 +48,11 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         "state_dir": getattr(args, "state_dir", None),
         "engine": getattr(args, "engine", None),
     }
+
+
+def _config(args: argparse.Namespace) -> DaemonConfig:
     try:
-        return load_config(args.config, overrides=overrides)
+        return load_config(args.config, overrides=_overrides(args))
     except ConfigError as e:
         _die(EXIT_USAGE, str(e))
 
@@ -85,7 +89,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if cfg.model and not (Path(cfg.model).expanduser() / "config.json").exists():
         _die(EXIT_USAGE, f"model: {cfg.model} is not a Hugging Face model folder (no config.json there)")
-    serve(cfg)
+    # SIGHUP re-reads the same sources: the file, the environment and these flags.
+    serve(cfg, reload_config=lambda: load_config(args.config, overrides=_overrides(args)))
+
+
+def cmd_install_service(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .install import InstallError, install_service
+
+    try:
+        install_service(user=args.user, prefix=Path(args.prefix), start=not args.no_start, dry_run=args.dry_run,
+                        executable=Path(args.exec) if args.exec else None,
+                        echo=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    except InstallError as e:
+        _die(EXIT_FAILED, str(e))
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -239,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float)
     s.add_argument("--timeout", type=float, default=120, help="seconds to wait for each answer (default 120)")
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("install-service", help="install, enable and start the systemd service (needs root)")
+    s.add_argument("--user", default="sloth", help="service user, created when missing (default: sloth)")
+    s.add_argument("--prefix", default="/", help="install root; other than / only writes the files (packaging)")
+    s.add_argument("--no-start", action="store_true", help="enable at boot but do not start now")
+    s.add_argument("--exec", help="the sloth-daemon executable the unit runs (default: this installation's)")
+    s.add_argument("--dry-run", action="store_true", help="print the steps, change nothing")
+    s.set_defaults(fn=cmd_install_service)
 
     s = sub.add_parser("replay", help="replay store statistics")
     s.add_argument("action", choices=["stats"])

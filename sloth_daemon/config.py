@@ -7,7 +7,8 @@ Contract:
   `SLOTH_STATE_DIR`) and `SLOTH_<SECTION>_<KEY>` for sectioned ones (`SLOTH_TRAIN_STEPS`,
   `SLOTH_SCHEDULE_MIN_NEW_EXAMPLES`). Values from the environment are parsed as TOML scalars when they parse
   (so `SLOTH_TRAIN_STEPS=40` is an int), else kept as strings.
-- Precedence: flag > env > config file > default.
+- Precedence: flag > env > config file > default. Under systemd, `$STATE_DIRECTORY` (from `StateDirectory=`)
+  is the default `state_dir`.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ class DaemonConfig(_Section):
     engine: Literal["embedded", "vllm"] = "embedded"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="on SIGTERM, requests in flight get this long to finish before they are cut off"
+    )
     train: TrainConfig = TrainConfig()
     mix: MixConfig = MixConfig()
     gate: GateConfig = GateConfig()
@@ -222,6 +226,10 @@ def load_config(
             sp = tuple(dotted.split("."))
             _set(tree, sp, value)
             sources[sp] = "command-line flag"
+    if "state_dir" not in tree and env.get("STATE_DIRECTORY"):
+        # systemd's StateDirectory= (first entry): it replaces the default only; file, env and flag still win.
+        tree["state_dir"] = env["STATE_DIRECTORY"].split(":")[0]
+        sources[("state_dir",)] = "environment variable STATE_DIRECTORY (systemd)"
     try:
         return DaemonConfig.model_validate(tree)
     except ValidationError as e:

@@ -32,15 +32,30 @@ class UpdateScheduler:
         if not self.cfg.enabled:
             log.info("scheduler: disabled (manual updates only)")
             return
+        self._add_jobs()
+        self._scheduler.start()
+
+    def _add_jobs(self) -> None:
         opts = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         self._scheduler.add_job(self._check_threshold, "interval", seconds=self.cfg.check_seconds, id="threshold", **opts)
         if self.cfg.interval_minutes > 0:
             self._scheduler.add_job(self._check_interval, "interval", minutes=self.cfg.interval_minutes, id="interval", **opts)
-        self._scheduler.start()
 
     def shutdown(self) -> None:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+
+    def reconfigure(self, cfg: ScheduleConfig) -> None:
+        """Apply new schedule settings live (a config reload): the jobs are replaced, a running update is untouched."""
+        self.cfg = cfg
+        if self._scheduler.running:
+            self._scheduler.remove_all_jobs()
+            if cfg.enabled:
+                self._add_jobs()
+            else:
+                log.info("scheduler: disabled (manual updates only)")
+        else:
+            self.start()
 
     def next_runs(self) -> dict[str, str | None]:
         return {j.id: j.next_run_time.isoformat() if j.next_run_time else None for j in self._scheduler.get_jobs()}

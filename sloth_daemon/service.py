@@ -5,6 +5,13 @@ marked failed) → adapter registry (half-written adapters removed) → model fo
 on first use) → engine → the promoted adapter from CURRENT is loaded → scheduler → ZeroMQ sockets (`zmq`; they
 stop first). Anchors are made in the background; updates wait for them. `GET /health` answers once all this is done
 (uvicorn accepts connections only after the lifespan start-up returns).
+
+Process life (what systemd sees; `notify.py` speaks the protocol): READY=1 once the HTTP socket listens, STATUS=
+lines saying what is served and done, WATCHDOG=1 from the event loop. SIGTERM/SIGINT: STOPPING=1, no new
+connections, a running update stopped at once (recorded as failed, "daemon stopping"; its examples pending again),
+requests in flight get `shutdown_grace_s` to finish, then the parts stop in reverse order and the process exits 0.
+SIGHUP: the config is read again and the settings in `LIVE_SETTINGS` apply at once; changes to the others are
+reported (log and STATUS) as needing a restart.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import uvicorn
 
@@ -27,13 +34,20 @@ from .anchors import ensure_anchors
 from .api.http import create_app
 from .api.zmq import ZmqBindError, ZmqServer
 from .api.zmq_protocol import resolve_addresses
-from .config import DaemonConfig
+from .config import ConfigError, DaemonConfig
 from .engine.base import AdapterLoadError, Engine
+from .notify import Notifier
 from .scheduler import UpdateScheduler
 from .turns import TurnService
 from .updater import Updater
 
 log = logging.getLogger("sloth_daemon")
+
+# Settings a SIGHUP applies while serving (the parts read them per request or per update); any other changed
+# setting (host, port, zmq, model, engine, device, state_dir, ...) needs a restart.
+LIVE_SETTINGS = ("log_level", "api_key", "shutdown_grace_s", "train", "mix", "gate", "schedule", "generation",
+                 "anchors")
+STATUS_REFRESH_S = 2.0  # how often STATUS= is refreshed (pending counts change without an event)
 
 
 def make_engine(cfg: DaemonConfig, model_path: Path, model_name: str) -> Engine:
@@ -58,8 +72,12 @@ def resolve_model(cfg: DaemonConfig) -> tuple[Path, str]:
 
 
 class Daemon:
-    def __init__(self, cfg: DaemonConfig):
+    def __init__(self, cfg: DaemonConfig, notifier: Notifier | None = None):
         self.cfg = cfg
+        self.notifier = notifier or Notifier(None)
+        self.stopping = False
+        self.restart_needed: list[str] = []  # changed settings a reload could not apply
+        self.reload_problem: str | None = None
         self.started_at = int(time.time())
         self.store: ReplayStore
         self.registry: AdapterRegistry
@@ -75,12 +93,17 @@ class Daemon:
         cfg = self.cfg
         for d in (cfg.state_dir, cfg.adapters_dir, cfg.runs_dir, cfg.models_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.notifier.status("starting: opening the replay store")
         self.store = ReplayStore(cfg.replay_db)
+        interrupted = self.store.running_update()
         if n := self.store.fail_running_updates("the daemon stopped while the update ran"):
             log.warning("marked %d interrupted update(s) as failed; their examples are pending again", n)
         self.registry = AdapterRegistry(cfg.adapters_dir)
         if removed := self.registry.cleanup_staging():
             log.warning("removed half-written adapter folder(s): %s", ", ".join(removed))
+        if interrupted is not None:
+            self._disown_unserved_adapters(interrupted["id"])
+        self.notifier.status("starting: loading the model")
         model_path, self.model_name = await asyncio.to_thread(resolve_model, cfg)
         self.engine = make_engine(cfg, model_path, self.model_name)
         await self.engine.start()
@@ -91,7 +114,7 @@ class Daemon:
             except AdapterLoadError as e:
                 log.error("could not load the current adapter %s, serving the base model: %s", current, e)
         self.turns = TurnService(self.engine, self.store, self.model_name)
-        self.updater = Updater(cfg, self.store, self.registry, self.engine, model_path)
+        self.updater = Updater(cfg, self.store, self.registry, self.engine, model_path, on_change=self.refresh_status)
         self.scheduler = UpdateScheduler(cfg.schedule, self.updater)
         self.scheduler.start()
         self._spawn(self._make_anchors())
@@ -115,6 +138,22 @@ class Daemon:
             log.error("%s; serving without ZeroMQ (set zmq to an address, or 'off')", e)
             return
         self.zmq = server
+
+    def _disown_unserved_adapters(self, update_id: int) -> None:
+        """A crash after an update committed its adapter but before CURRENT named it (mid-swap) leaves a complete
+        version that was never served for good: mark it rejected so it is never taken for a promoted one (the update
+        is recorded as failed and runs again)."""
+        current = self.registry.current()
+        for info in self.registry.list():
+            if info.update_id != update_id or info.status == "rejected":
+                continue
+            if info.version == current:
+                log.warning("update %d was interrupted after %s became current; it stays served", update_id,
+                            info.version)
+                continue
+            self.registry.update_meta(info.version, status="rejected",
+                                      reason=f"update {update_id} was interrupted before this version was served")
+            log.warning("%s (update %d) was never served: marked rejected", info.version, update_id)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -140,6 +179,58 @@ class Daemon:
         await self.engine.stop()
         self.store.close()
 
+    # -- what systemd is told -------------------------------------------------------------------------------------
+    def status_line(self) -> str:
+        """One line for `systemctl status`: what is served and what the daemon is doing."""
+        line = f"serving {self.engine.current_adapter or 'base model'}; "
+        if self.stopping:
+            line += "stopping"
+        elif (p := self.updater.progress) is not None:
+            line += f"training update {p['update_id']} {p['progress']:.0%}"
+        else:
+            n = self.store.count_pending()
+            line += f"idle, {n} example{'' if n == 1 else 's'} pending"
+        if self.restart_needed:
+            line += "; restart to apply " + ", ".join(self.restart_needed)
+        if self.reload_problem:
+            line += "; " + self.reload_problem
+        return line
+
+    def refresh_status(self) -> None:
+        if not self.stopping:
+            self.notifier.status(self.status_line())
+
+    def begin_stop(self) -> None:
+        """SIGTERM: tell systemd, start no more updates, and stop a running one now (while HTTP drains)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        busy = sum(self.engine.in_flight().values())
+        update = self.updater.progress
+        self.notifier.stopping(f"stopping: finishing {busy} request(s) in flight"
+                               + (f", stopping update {update['update_id']}" if update else ""))
+        self.scheduler.shutdown()
+        self._spawn(self.updater.stop("daemon stopping"))
+
+    def reload(self, new: DaemonConfig) -> tuple[list[str], list[str]]:
+        """SIGHUP: apply the changed settings that can change live; returns (applied, needing a restart)."""
+        changed = [k for k in DaemonConfig.model_fields if getattr(new, k) != getattr(self.cfg, k)]
+        applied = [k for k in changed if k in LIVE_SETTINGS]
+        for key in applied:  # the parts hold this same config object and read it per request or per update
+            setattr(self.cfg, key, getattr(new, key))
+        if "schedule" in applied:
+            self.scheduler.reconfigure(self.cfg.schedule)
+        if "log_level" in applied:
+            set_log_level(self.cfg.log_level)
+        if "api_key" in applied and self.zmq is not None:
+            self.zmq.api_key = self.cfg.api_key
+        self.restart_needed = [k for k in changed if k not in LIVE_SETTINGS]
+        self.reload_problem = None
+        log.info("config reloaded: %s", ("applied " + ", ".join(applied)) if applied else "no live setting changed")
+        if self.restart_needed:
+            log.warning("config reload: %s changed and need(s) a restart to apply", ", ".join(self.restart_needed))
+        return applied, self.restart_needed
+
     def status(self) -> dict:
         return {
             "version": __version__,
@@ -154,12 +245,18 @@ class Daemon:
             "scheduler": self.scheduler.next_runs(),
             "in_flight": {str(k): v for k, v in self.engine.in_flight().items()},
             "state_dir": str(self.cfg.state_dir),
+            "restart_needed": self.restart_needed,
             "zmq": [ep.address for ep in self.zmq.endpoints] if self.zmq else [],
         }
 
 
-def build_app(cfg: DaemonConfig) -> tuple[Daemon, Any]:
-    daemon = Daemon(cfg)
+def set_log_level(level: str) -> None:
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
+def build_app(cfg: DaemonConfig, notifier: Notifier | None = None) -> tuple[Daemon, Any]:
+    daemon = Daemon(cfg, notifier)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):
@@ -173,23 +270,91 @@ def build_app(cfg: DaemonConfig) -> tuple[Daemon, Any]:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown (exit status -15); a daemon that stopped
-    cleanly on request exits 0 instead, which is what systemd and scripts expect."""
+    """uvicorn with the daemon's process life: the notify protocol, SIGHUP reloads, a SIGTERM that stops a running
+    update at once rather than after the drain, and exit status 0 after a graceful SIGTERM/SIGINT (uvicorn would
+    re-raise the signal: status -15), which is what systemd and scripts expect."""
+
+    def __init__(self, config: uvicorn.Config, daemon: Daemon,
+                 reload_config: Callable[[], DaemonConfig] | None = None):
+        super().__init__(config)
+        self.daemon = daemon
+        self.notifier = daemon.notifier
+        self.reload_config = reload_config
+        self._tasks: set[asyncio.Task] = set()
+        self._reload_lock = asyncio.Lock()
+
+    def _task(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     @contextlib.contextmanager
     def capture_signals(self):
-        handled = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        loop = asyncio.get_running_loop()  # called inside uvicorn's serve(), on the daemon's loop
+        handlers = {signal.SIGINT: self.handle_exit, signal.SIGTERM: self.handle_exit,
+                    signal.SIGHUP: lambda *_: loop.call_soon_threadsafe(self._on_hup)}
+        original = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
             yield
         finally:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
 
+    async def startup(self, sockets: list | None = None) -> None:
+        # Pings start at once: start-up work (model loading) runs in threads, so the loop stays responsive.
+        self._task(self.notifier.run_watchdog())
+        await super().startup(sockets=sockets)
+        if self.started and not self.should_exit:
+            # The socket listens now: requests are answered from this moment, and /health says 200.
+            self.notifier.ready(self.daemon.status_line())
+            self._status_task = self._task(self._refresh_status())
 
-def serve(cfg: DaemonConfig) -> None:
+    async def _refresh_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_REFRESH_S)
+            self.daemon.refresh_status()
+
+    def _on_hup(self) -> None:
+        if not self.started or self.should_exit:
+            log.warning("SIGHUP ignored: the daemon is %s", "stopping" if self.should_exit else "starting")
+            return
+        self._task(self._reload())
+
+    async def _reload(self) -> None:
+        async with self._reload_lock:
+            if self.reload_config is None:
+                log.warning("SIGHUP: no configuration source to reload from")
+                return
+            self.notifier.reloading()
+            try:
+                new = await asyncio.to_thread(self.reload_config)
+            except ConfigError as e:
+                log.error("SIGHUP: the configuration is invalid; the running one stays:\n%s", e)
+                self.daemon.reload_problem = "config reload failed (see the log)"
+            else:
+                self.daemon.reload(new)
+            self.notifier.ready(self.daemon.status_line())
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        self.config.timeout_graceful_shutdown = self.daemon.cfg.shutdown_grace_s
+        self.daemon.begin_stop()
+        if getattr(self, "_status_task", None) is not None:
+            self._status_task.cancel()
+        try:
+            await super().shutdown(sockets=sockets)  # stop accepting, drain, then the lifespan stops the daemon
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            self.notifier.close()
+
+
+def serve(cfg: DaemonConfig, reload_config: Callable[[], DaemonConfig] | None = None) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT. `reload_config` re-reads the configuration on SIGHUP
+    (the CLI passes one that reads the same file, environment and flags)."""
+    notifier = Notifier.from_environment()
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _daemon, app = build_app(cfg)
+    daemon, app = build_app(cfg, notifier)
     server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                    timeout_graceful_shutdown=30))
+                                    timeout_graceful_shutdown=cfg.shutdown_grace_s), daemon, reload_config)
     server.run()

@@ -24,6 +24,7 @@ import torch
 
 from sloth_replay import MixRatios, ReplayStore, build_batches, split_holdout
 
+from . import testhooks
 from .adapters import AdapterRegistry
 from .config import DaemonConfig
 from .engine.base import AdapterLoadError, Engine
@@ -61,6 +62,8 @@ class Updater:
         self._task: asyncio.Task | None = None
         self._trainer: TrainerProcess | None = None
         self._swap_lock = asyncio.Lock()
+        self._stop_reason: str | None = None  # set by stop(): the reason the stopped update is recorded with
+        self._stoppable = False  # True until training ends; past that (gate, commit, swap) an update runs to its end
         self.progress: dict[str, Any] | None = None
 
     @property
@@ -73,6 +76,7 @@ class Updater:
             raise NothingToTrain("no new training examples are waiting; teach, correct or rate answers first")
         update_id = self.store.begin_update(trigger=trigger, base_adapter=self.registry.current())
         self.progress = {"update_id": update_id, "progress": 0.0, "message": "starting"}
+        self._stoppable = True
         self._task = asyncio.get_running_loop().create_task(self._run(update_id), name=f"update-{update_id}")
         self.on_change()
         return update_id
@@ -81,15 +85,16 @@ class Updater:
         if self._task is not None:
             await asyncio.shield(self._task)
 
-    async def stop(self) -> None:
-        """Stop a running update: kill the trainer; the update is recorded as failed and can run again."""
-        if self._trainer is not None:
-            self._trainer.cancel()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), 30)
-            except (asyncio.TimeoutError, Exception):
-                pass
+    async def stop(self, reason: str = "daemon stopping") -> None:
+        """Stop a running update. While it waits or trains, the trainer is killed, its partial output discarded, and
+        the update recorded as failed with `reason` (its examples are pending again, so it can run again); an
+        update already past training (gate, commit, swap) is left to finish, up to 30 s."""
+        self._stop_reason = reason
+        if self._task is None or self._task.done():
+            return
+        if self._stoppable:
+            self._task.cancel()
+        await asyncio.wait({self._task}, timeout=30)
 
     # -- the update itself ----------------------------------------------------------------------------------------
     def _device(self) -> str:
@@ -156,6 +161,7 @@ class Updater:
                 job, self.cfg.runs_dir / f"update-{update_id:06d}",
                 lambda ev: self._on_progress(update_id, ev), self.cfg.train.timeout_s,
             )
+            self._stoppable = False
             verdict = judge(result.eval, self.cfg.gate, new_is_heldout=heldout)
             metrics = {"train": result.model_dump(exclude={"eval"}), "eval": {k: v.model_dump() for k, v in result.eval.items()},
                        "gate": verdict.model_dump(), "heldout": heldout, "seconds": round(time.monotonic() - t0, 2)}
@@ -182,13 +188,16 @@ class Updater:
         except (TrainerFailed, asyncio.CancelledError, Exception) as e:
             reason = str(e) or type(e).__name__
             if isinstance(e, asyncio.CancelledError):
-                reason = "stopped by the daemon"
+                reason = self._stop_reason or "stopped by the daemon"
+                if self._trainer is not None:
+                    await self._trainer.wait_gone()  # nothing writes into the staging folder once it is removed
             log.error("update %d failed: %s", update_id, reason)
             self.store.finish_update(update_id, status="failed", adapter_version=None, metrics={}, reason=reason,
                                      example_ids=[])
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
+            self._stoppable = False
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
             self._trainer = None
@@ -201,6 +210,7 @@ class Updater:
         async with self._swap_lock:
             self.registry.update_meta(version, status="promoted")
             await self.engine.swap_adapter(version, self.registry.path(version))
+            await testhooks.hold_async("adapter-swap")  # crash tests stop here: served in memory, not on disk
             self.registry.set_current(version)
         self.on_change()
 

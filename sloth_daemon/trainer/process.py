@@ -40,6 +40,12 @@ class TrainerProcess:
             except ProcessLookupError:
                 pass
 
+    async def wait_gone(self) -> None:
+        """Kill the child if it still runs and wait until it has exited (so it writes no more files)."""
+        self.cancel()
+        if self._proc is not None:
+            await self._proc.wait()
+
     async def run(self, job: TrainJob, run_dir: Path, on_progress: Callable[[dict], None], timeout_s: float) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         job_file = run_dir / "job.json"
