@@ -195,7 +195,8 @@ def run(url: str, versions: list[str], model: Path, args) -> dict:
     vst = c.get("/sloth/status").json()["vllm"]
     tok = AutoTokenizer.from_pretrained(model)
     ids = encode(tok, render_prompt(tok, "chat", PROMPT))
-    daemon_body = {"model": c.get("/sloth/status").json()["model"], "messages": PROMPT, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+    daemon_body = {"model": c.get("/sloth/status").json()["model"], "messages": PROMPT,
+                   "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
                    "stream_options": {"include_usage": True}}
     direct_body = {"model": vst["served_name"], "prompt": ids, "max_tokens": args.max_tokens, "temperature": 0,
                    "stream": True, "stream_options": {"include_usage": True}}
@@ -243,7 +244,8 @@ def run(url: str, versions: list[str], model: Path, args) -> dict:
         "swaps": {"n": len(swaps), "all_ok": all(s["ok"] for s in swaps),
                   "to_first_new_token_p50_s": round(percentile(lat, 50), 4),
                   "to_first_new_token_p99_s": round(percentile(lat, 99), 4),
-                  "swap_call_p50_s": round(percentile(calls, 50), 4), "swap_call_p99_s": round(percentile(calls, 99), 4),
+                  "swap_call_p50_s": round(percentile(calls, 50), 4),
+                  "swap_call_p99_s": round(percentile(calls, 99), 4),
                   "requests_during_swaps": len(results), "failed_during_swaps": len(failed),
                   "failures": [r[4] for r in failed[:5]],
                   "per_swap": [{k: v for k, v in s.items() if k not in ("asked", "done")} for s in swaps]},

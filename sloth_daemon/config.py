@@ -103,6 +103,25 @@ class AnchorConfig(_Section):
     max_tokens: int = Field(96, ge=1)
 
 
+class VllmConfig(_Section):
+    """The vLLM engine (`engine = "vllm"`): the server the daemon starts and supervises, or an existing one."""
+
+    python: str | None = Field(None, description="python of vLLM's own venv; unset = the daemon's python")
+    url: str | None = Field(None, description="use the vLLM server at this URL instead of starting one")
+    extra_args: str = Field("", description="appended to vLLM's command line (shell-style quoting)")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="vLLM's share of GPU memory; the trainer gets what is left (see README)"
+    )
+    max_model_len: int | None = Field(None, ge=16, description="context length; unset = the model's own")
+    dtype: str = Field("auto", description="vLLM --dtype (auto, bfloat16, float16, float32)")
+    max_loras: int = Field(2, ge=2, description="adapters in one batch (old and new during a swap: at least 2)")
+    max_lora_rank: int | None = Field(None, ge=1, description="unset = from train.lora_r (rounded up for vLLM)")
+    startup_timeout_s: float = Field(600, gt=0, description="vLLM must answer /health within this")
+    sleep_during_updates: bool = Field(
+        False, description="vLLM sleeps (frees GPU memory, serving pauses) while an update trains"
+    )
+
+
 class DaemonConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -129,6 +148,7 @@ class DaemonConfig(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     generation: GenerationConfig = GenerationConfig()
     anchors: AnchorConfig = AnchorConfig()
+    vllm: VllmConfig = VllmConfig()
 
     @field_validator("state_dir")
     @classmethod

@@ -55,6 +55,10 @@ def make_engine(cfg: DaemonConfig, model_path: Path, model_name: str) -> Engine:
         from .engine.embedded import EmbeddedEngine
 
         return EmbeddedEngine(model_path, model_name=model_name, device=cfg.device)
+    if cfg.engine == "vllm":
+        from .engine.vllm import VllmEngine
+
+        return VllmEngine(model_path, model_name=model_name, cfg=cfg.vllm, lora_rank=cfg.train.lora_r)
     raise NotImplementedError(f"engine {cfg.engine!r} is not available in this build")
 
 
@@ -247,6 +251,7 @@ class Daemon:
             "state_dir": str(self.cfg.state_dir),
             "restart_needed": self.restart_needed,
             "zmq": [ep.address for ep in self.zmq.endpoints] if self.zmq else [],
+            **({"vllm": self.engine.describe()} if self.engine.name == "vllm" else {}),
         }
 
 

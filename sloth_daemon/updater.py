@@ -13,6 +13,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import shutil
@@ -157,10 +158,13 @@ class Updater:
             staging = self.registry.new_staging_dir()
             job, example_ids, heldout = self._job(update_id, staging)
             self._trainer = TrainerProcess()
-            result = await self._trainer.run(
-                job, self.cfg.runs_dir / f"update-{update_id:06d}",
-                lambda ev: self._on_progress(update_id, ev), self.cfg.train.timeout_s,
-            )
+            # An engine may lend the trainer its GPU memory meanwhile (vLLM's sleep mode); serving pauses then.
+            training = getattr(self.engine, "training", None)
+            async with training() if training is not None else contextlib.nullcontext():
+                result = await self._trainer.run(
+                    job, self.cfg.runs_dir / f"update-{update_id:06d}",
+                    lambda ev: self._on_progress(update_id, ev), self.cfg.train.timeout_s,
+                )
             self._stoppable = False
             verdict = judge(result.eval, self.cfg.gate, new_is_heldout=heldout)
             metrics = {"train": result.model_dump(exclude={"eval"}), "eval": {k: v.model_dump() for k, v in result.eval.items()},

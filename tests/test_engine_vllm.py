@@ -86,7 +86,8 @@ def serve(daemon, version: str) -> None:
 
 def greedy(daemon, max_tokens: int = 24) -> tuple[str, str | None]:
     with daemon.http() as c:
-        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+        r = c.post("/v1/chat/completions",
+                   json={"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0})
         assert r.status_code == 200, r.text
         body = r.json()
         return body["choices"][0]["message"]["content"], body["sloth"]["adapter_version"]
@@ -134,7 +135,8 @@ def test_chat_and_completions_through_daemon(daemon):
                     chunks.append(json.loads(line[6:]))
         text = "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"])
         assert chunks[-1]["usage"]["completion_tokens"] > 0
-        solo = c.post("/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
+        solo = c.post("/v1/completions",
+                      json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
         assert solo.json()["choices"][0]["text"] == text
         assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2000}).status_code == 400
 
@@ -146,7 +148,8 @@ def _client(daemon, stop: threading.Event, results: list) -> None:
             text, version, error = "", None, None
             try:
                 with c.stream("POST", "/v1/chat/completions",
-                              json={"model": MODEL, "messages": PROMPT, "max_tokens": 24, "temperature": 0, "stream": True}) as s:
+                              json={"model": MODEL, "messages": PROMPT, "max_tokens": 24, "temperature": 0,
+                                    "stream": True}) as s:
                     if s.status_code != 200:
                         error = f"HTTP {s.status_code}"
                     for line in s.iter_lines():
@@ -212,7 +215,8 @@ def test_kill_vllm_mid_stream_then_restart_serves_current_adapter(daemon):
     def long_stream():
         with daemon.http() as c:
             try:
-                with c.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900,
+                with c.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time",
+                                                                "max_tokens": 900,
                                                                 "temperature": 1.0, "seed": 1, "stream": True},
                               timeout=60) as s:
                     for line in s.iter_lines():
