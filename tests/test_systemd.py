@@ -12,6 +12,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -198,23 +200,40 @@ def test_notifier_abstract_socket_and_a_vanished_manager(tmp_path):
     assert gone.send("READY=1") is False  # logged, never raised
 
 
-def test_watchdog_pings_from_the_event_loop(tmp_path):
+def test_watchdog_pings_from_the_event_loop_and_stop_when_it_blocks(tmp_path):
     path = str(tmp_path / "wd.sock")
     sock = _bound_socket(path)
-    sock.setblocking(False)
+    sock.settimeout(0.1)
+    pings: list[float] = []
+    done = threading.Event()
+
+    def listen() -> None:
+        while not done.is_set():
+            try:
+                assert sock.recv(64) == b"WATCHDOG=1"
+                pings.append(time.monotonic())
+            except socket.timeout:
+                pass
+
+    listener = threading.Thread(target=listen)
+    listener.start()
     n = Notifier(path, watchdog_interval=0.05)
 
-    async def run_for(seconds: float) -> None:
+    async def run() -> tuple[float, float]:
         task = asyncio.create_task(n.run_watchdog())
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(0.3)
+        blocked_from = time.monotonic()
+        time.sleep(0.5)  # a stuck event loop: no pings, so systemd's watchdog would fire
+        blocked_to = time.monotonic()
+        await asyncio.sleep(0.3)
         task.cancel()
+        return blocked_from, blocked_to
 
-    asyncio.run(run_for(0.5))
-    pings = 0
-    while True:
-        try:
-            assert sock.recv(64) == b"WATCHDOG=1"
-            pings += 1
-        except BlockingIOError:
-            break
-    assert 5 <= pings <= 12
+    blocked_from, blocked_to = asyncio.run(run())
+    time.sleep(0.2)
+    done.set()
+    listener.join()
+    before = [t for t in pings if t < blocked_from]
+    after = [t for t in pings if t > blocked_to + 0.1]
+    assert len(before) >= 3 and len(after) >= 3
+    assert not [t for t in pings if blocked_from + 0.1 < t < blocked_to]  # margin: the listener may lag
