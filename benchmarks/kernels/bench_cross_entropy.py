@@ -15,6 +15,8 @@ Importing this module needs no GPU.
 
 import torch
 
+from benchmarks.kernels.timing import measure as _measure
+
 from sloth_kernels.cross_entropy import (
     cross_entropy,
     cross_entropy_reference,
@@ -24,22 +26,6 @@ from sloth_kernels.cross_entropy import (
 
 TOKENS, HIDDEN, VOCAB = 2 * 2048, 4096, 128256
 DTYPE = torch.bfloat16
-
-
-def _measure(fn, inputs: list[torch.Tensor]) -> tuple[float, float]:
-    from triton.testing import do_bench
-
-    fn()  # compile / warm caches outside the measurements
-    for t in inputs:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    ms = do_bench(fn, grad_to_none=inputs, return_mode="median")
-    return ms, peak_mb
 
 
 def _row(op: str, impl: str, pass_name: str, ms: float, peak_mb: float) -> dict:

@@ -15,27 +15,14 @@ of one call above what was live before it. Importing this module needs no GPU.
 
 import torch
 
+from benchmarks.kernels.timing import measure as _measure
+
 import sloth_kernels.lora_linear as ll
 from sloth_kernels.lora_linear import lora_linear, lora_linear_reference, lora_mlp
 
 BATCH, SEQ, RANK, ALPHA = 2, 2048, 16, 32
 PROJECTIONS = {"q_proj": (4096, 4096), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
 DTYPE = torch.bfloat16
-
-
-def _measure(fn, grads_of: list[torch.Tensor]) -> tuple[float, float]:
-    from triton.testing import do_bench
-
-    fn()  # compile / warm caches outside the measurements
-    for t in grads_of:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    return do_bench(fn, grad_to_none=grads_of, return_mode="median"), peak_mb
 
 
 def _peft_layers(names_shapes: dict[str, tuple[int, int]]):

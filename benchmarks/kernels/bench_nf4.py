@@ -10,24 +10,13 @@ Importing this module needs no GPU.
 
 import torch
 
+from benchmarks.kernels.timing import measure as _measure
+
 from sloth_kernels.nf4 import dequantize_nf4, dequantize_nf4_reference
 
 # (out_features, in_features): q/o, k/v, gate/up, down.
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
 DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _measure(fn) -> tuple[float, float]:
-    from triton.testing import do_bench
-
-    fn()  # compile / warm caches outside the measurements
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    return do_bench(fn, return_mode="median"), peak_mb
 
 
 def run() -> list[dict]:

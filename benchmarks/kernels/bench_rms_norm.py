@@ -7,26 +7,12 @@ The table/JSON driver is benchmarks/bench_kernels.py. Importing this module need
 
 import torch
 
+from benchmarks.kernels.timing import measure as _measure
+
 from sloth_kernels.rms_norm import rms_norm, rms_norm_reference
 
 BATCH, SEQ, HIDDEN = 2, 2048, 4096
 DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _measure(fn, inputs: list[torch.Tensor]) -> tuple[float, float]:
-    from triton.testing import do_bench
-
-    fn()  # compile / warm caches outside the measurements
-    for t in inputs:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    ms = do_bench(fn, grad_to_none=inputs, return_mode="median")
-    return ms, peak_mb
 
 
 def run() -> list[dict]:

@@ -8,26 +8,12 @@ Q/K are HF's transposed views ([batch, seq, heads, dim] storage seen as [batch, 
 
 import torch
 
+from benchmarks.kernels.timing import measure as _measure
+
 from sloth_kernels.rope import rope_qk, rope_qk_reference
 
 BATCH, SEQ, Q_HEADS, KV_HEADS, HEAD_DIM, THETA = 2, 2048, 32, 8, 128, 500000.0
 DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _measure(fn, inputs: list[torch.Tensor]) -> tuple[float, float]:
-    from triton.testing import do_bench
-
-    fn()  # compile / warm caches outside the measurements
-    for t in inputs:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    ms = do_bench(fn, grad_to_none=inputs, return_mode="median")
-    return ms, peak_mb
 
 
 def _cos_sin(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,26 +9,12 @@ import functools
 
 import torch
 
+from benchmarks.kernels.timing import measure as _measure
+
 from sloth_kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
 
 BATCH, SEQ, INTERMEDIATE = 2, 2048, 14336
 DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _measure(fn, inputs: list[torch.Tensor]) -> tuple[float, float]:
-    from triton.testing import do_bench
-
-    fn()  # compile / warm caches outside the measurements
-    for t in inputs:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    ms = do_bench(fn, grad_to_none=inputs, return_mode="median")
-    return ms, peak_mb
 
 
 def _ops() -> dict[str, dict]:
