@@ -16,8 +16,16 @@ from sloth_daemon.engine.base import Finished, GenerationRequest, RequestTooLong
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 
+_loop: asyncio.AbstractEventLoop | None = None
+
+
 def run(coro):
-    return asyncio.get_event_loop_policy().get_event_loop().run_until_complete(coro)
+    """Run `coro` on one event loop kept for the whole session: an engine's queues and conditions belong to the loop
+    it started on. (The thread's default loop is unusable once any earlier test called `asyncio.run`.)"""
+    global _loop
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+    return _loop.run_until_complete(coro)
 
 
 async def collect(engine, request) -> tuple[str, Finished]:
