@@ -26,8 +26,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sloth_kernels import patch as patch_module
 from sloth_kernels.patch import patch_report, unpatch_model
+
+from .patching import patch_model, unpatch_afterwards  # noqa: F401 (autouse fixture)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 VOCAB, SEQ, BATCH = 128, 8, 2
@@ -63,21 +64,6 @@ DEVICE_DTYPES = [
     pytest.param("cuda", torch.bfloat16, marks=[pytest.mark.gpu, CUDA]),
 ]
 
-
-_patched: list = []
-
-
-@pytest.fixture(autouse=True)
-def unpatch_afterwards():
-    """Unpatch what a test patched, so the module-level RoPE switches do not outlive it."""
-    yield
-    while _patched:
-        unpatch_model(_patched.pop())
-
-
-def patch_model(model, **kwargs):
-    _patched.append(model)
-    return patch_module.patch_model(model, **kwargs)
 
 
 def _tiny(family: str, device: str, dtype: torch.dtype, seed: int = 0):

@@ -15,8 +15,9 @@ import transformers.models.llama.modeling_llama as modeling_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from sloth_kernels import patch as patch_module
 from sloth_kernels.patch import patch_report, unpatch_model
+
+from .patching import patch_model, unpatch_afterwards  # noqa: F401 (autouse fixture)
 
 VOCAB = 96
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -26,21 +27,6 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def references(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
-
-_patched: list = []
-
-
-@pytest.fixture(autouse=True)
-def unpatch_afterwards():
-    """Every model a test patches is unpatched at its end, so module-level state never leaks into the next test."""
-    yield
-    while _patched:
-        unpatch_model(_patched.pop())
-
-
-def patch_model(model, **kwargs):
-    _patched.append(model)
-    return patch_module.patch_model(model, **kwargs)
 
 
 def _llama(seed=0):
