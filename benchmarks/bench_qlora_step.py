@@ -9,8 +9,11 @@ GPU, then every decoder projection is quantised layer by layer into a bitsandbyt
 bf16 compute). Embeddings, norms and the LM head stay bf16. LoRA r=16, alpha 16, no dropout on all seven
 projections (peft), AdamW lr 2e-4 on the LoRA weights, seq 2048, batch 2, labels = inputs (causal LM loss), sdpa
 attention, gradient checkpointing. Configurations, each in its own subprocess so that peak memory is its own:
-- `hf`: the standard HF+PEFT recipe: `gradient_checkpointing_enable(use_reentrant=False)`, loss from the model.
-  (No `prepare_model_for_kbit_training`: it would upcast the LM head and embeddings to fp32, a slower baseline.)
+- `hf`: the standard HF+PEFT QLoRA recipe as PEFT documents it: `peft.prepare_model_for_kbit_training(model)` with
+  its defaults (it upcasts every non-4-bit parameter, i.e. embeddings, norms and LM head, to fp32 and turns on
+  reentrant gradient checkpointing), then `get_peft_model`; loss from the model. The baseline of the ratios.
+- `hf_bf16`: a tuned HF+PEFT baseline, for reference: no fp32 upcast (everything bf16),
+  `gradient_checkpointing_enable(use_reentrant=False)`. Ratios against it are reported too (`vs hf_bf16`).
 - `ours`: the same model, `sloth_kernels.patch.patch_model(model)` (its checkpointing instead of HF's);
   `ours_offload`: `patch_model(model, offload=True)` (checkpointed layer inputs on pinned host memory).
 - `liger`: `liger_kernel.transformers.apply_liger_kernel_to_llama()` (RoPE, RMSNorm, SwiGLU, fused linear CE)
@@ -21,7 +24,7 @@ attention, gradient checkpointing. Configurations, each in its own subprocess so
 Per configuration: tokens/s (batch * seq / median step time after the warm-up steps; a step is forward, backward,
 optimizer step), peak GPU memory (`torch.cuda.max_memory_allocated` over all steps, weights included), the memory
 the model holds before the first step, and every step's loss (same seed and data everywhere, so step losses must
-agree across configurations up to bf16 rounding). Ratios are against `hf`. `--tiny` runs a toy shape (on CPU when
+agree across configurations up to bf16 rounding). Ratios are against `hf` and `hf_bf16`. `--tiny` runs a toy shape (on CPU when
 there is no GPU) to check the plumbing.
 """
 
@@ -41,7 +44,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = ("hf", "ours", "ours_offload", "liger", "unsloth")
+CONFIGS = ("hf", "hf_bf16", "ours", "ours_offload", "liger", "unsloth")
 PEERS = {"liger": "liger_kernel", "unsloth": "unsloth"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED, DATA_SEED, LR, RANK = 0, 1234, 2e-4, 16
@@ -140,7 +143,11 @@ def prepare(name: str, args):
             if hasattr(importlib.import_module("liger_kernel"), "__version__") else "?"
     model = build_bf16(config, device)
     quantize_decoder(model)
-    if name in ("hf", "liger"):
+    if name == "hf":
+        from peft import prepare_model_for_kbit_training
+
+        model = lora(prepare_model_for_kbit_training(model))
+    elif name in ("hf_bf16", "liger"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = lora(model)
     elif name in ("ours", "ours_offload"):
@@ -192,6 +199,8 @@ def train(model, data, args, device) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
         print(f"step {step}: loss {losses[-1]:.5f} time {times[-1]:.3f}s", flush=True)
+    if args.profile and device == "cuda":
+        profile_step(model, opt, data[0], args)
     step_s = statistics.median(times[args.warmup:])
     out = {"tokens_per_s": args.batch * args.seq / step_s, "step_s": step_s, "step_times": times,
            "losses": losses, "trainable_params": sum(p.numel() for p in params)}
@@ -199,6 +208,21 @@ def train(model, data, args, device) -> dict:
         out.update(peak_gb=torch.cuda.max_memory_allocated() / 2**30, held_gb=held / 2**30,
                    reserved_gb=torch.cuda.max_memory_reserved() / 2**30)
     return out
+
+
+def profile_step(model, opt, ids, args) -> None:
+    """One more step under torch.profiler; the 40 costliest GPU kernels go to `<profile>/<config>.txt`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+    args.profile.mkdir(parents=True, exist_ok=True)
+    (args.profile / f"{args.worker}.txt").write_text(table)
 
 
 def worker(name: str, args) -> dict:
@@ -251,15 +275,20 @@ def run_subprocess(argv: list[str], log: Path, timeout: float) -> tuple[int, str
 
 
 def add_ratios(results: list[dict]) -> None:
-    base = next((r for r in results if r["config"] == "hf" and r.get("ok")), None)
-    for r in results:
-        if not r.get("ok") or base is None:
+    """Speed and memory ratios against each baseline that ran (`hf`: the standard recipe; `hf_bf16`: tuned)."""
+    for base_name in ("hf", "hf_bf16"):
+        base = next((r for r in results if r["config"] == base_name and r.get("ok")), None)
+        if base is None:
             continue
-        r["speedup_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
-        if "peak_gb" in r:
-            r["peak_mem_vs_hf"] = r["peak_gb"] / base["peak_gb"]
-        n = min(len(r["losses"]), len(base["losses"]))
-        r["max_loss_rel_diff_vs_hf"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], base["losses"][:n]))
+        for r in results:
+            if not r.get("ok"):
+                continue
+            r[f"speedup_vs_{base_name}"] = r["tokens_per_s"] / base["tokens_per_s"]
+            if "peak_gb" in r:
+                r[f"peak_mem_vs_{base_name}"] = r["peak_gb"] / base["peak_gb"]
+            n = min(len(r["losses"]), len(base["losses"]))
+            r[f"max_loss_rel_diff_vs_{base_name}"] = max(
+                abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], base["losses"][:n]))
 
 
 def print_table(results: list[dict], args) -> None:
@@ -268,19 +297,23 @@ def print_table(results: list[dict], args) -> None:
 
     gpu = next((r["gpu"] for r in results if r.get("ok")), "?")
     table = Table(title=f"QLoRA step, Llama-3.1-8B shape, seq {args.seq} x batch {args.batch}, on {gpu}")
-    for col in ("config", "tokens/s", "vs hf", "peak GB", "vs hf ", "held GB", "loss[0..3]", "max loss diff"):
+    columns = ("config", "tokens/s", "speed vs hf", "vs hf_bf16", "peak GB", "mem vs hf", "vs hf_bf16 ",
+               "held GB", "loss[0..3]", "max loss diff vs hf")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("config", "loss[0..3]") else "right")
+    nan = float("nan")
     for r in results:
         if not r.get("ok"):
-            table.add_row(r["config"], "-", "-", "-", "-", "-", r.get("error", "failed")[:60], "")
+            table.add_row(r["config"], *["-"] * 7, r.get("error", "failed")[:60], "")
             continue
         table.add_row(
-            r["config"], f"{r['tokens_per_s']:.0f}", f"{r.get('speedup_vs_hf', float('nan')):.2f}x",
-            f"{r.get('peak_gb', float('nan')):.2f}", f"{r.get('peak_mem_vs_hf', float('nan')):.0%}",
-            f"{r.get('held_gb', float('nan')):.2f}", " ".join(f"{x:.4f}" for x in r["losses"][:4]),
-            f"{r.get('max_loss_rel_diff_vs_hf', float('nan')):.1e}",
+            r["config"], f"{r['tokens_per_s']:.0f}", f"{r.get('speedup_vs_hf', nan):.2f}x",
+            f"{r.get('speedup_vs_hf_bf16', nan):.2f}x", f"{r.get('peak_gb', nan):.2f}",
+            f"{r.get('peak_mem_vs_hf', nan):.0%}", f"{r.get('peak_mem_vs_hf_bf16', nan):.0%}",
+            f"{r.get('held_gb', nan):.2f}", " ".join(f"{x:.4f}" for x in r["losses"][:4]),
+            f"{r.get('max_loss_rel_diff_vs_hf', nan):.1e}",
         )
-    Console(width=160).print(table)
+    Console(width=200).print(table)
 
 
 def write(args, argv, results: list[dict]) -> None:
@@ -309,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--logdir", type=Path, help="per-configuration logs (default: a temp dir)")
     parser.add_argument("--checkpoint", default=os.path.join(tempfile.gettempdir(), "sloth-bench-llama8b-random"))
+    parser.add_argument("--profile", type=Path, help="also profile one step per configuration into this folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -326,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seq={args.seq}", f"--batch={args.batch}",
               f"--layers={args.layers}", f"--checkpoint={args.checkpoint}"]
     common += ["--no-rope-scaling"] * args.no_rope_scaling + ["--tiny"] * args.tiny
+    common += [f"--profile={args.profile}"] * bool(args.profile)
     logdir = args.logdir or Path(tempfile.mkdtemp(prefix="bench-qlora-"))
     logdir.mkdir(parents=True, exist_ok=True)
     results = []
