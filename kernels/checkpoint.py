@@ -27,10 +27,16 @@ switched through their checkpointing hook, so transformers keeps its behaviour: 
 enabled, and the KV cache is turned off while checkpointing. Call it after anything that calls
 `gradient_checkpointing_enable` (e.g. peft's `prepare_model_for_kbit_training`), which would replace the hook.
 
+`recomputing()` is True while a layer run by `checkpoint_layer` is being re-run for its backward (in the thread
+that runs it), False otherwise. Ops use it to skip work whose value only the first run needs: e.g. `lora_mlp` skips
+the down projection's GEMM in a re-run when the layer adds the MLP output straight to the residual (autograd needs
+that node and its saved inputs, not its output: nothing after it saves a tensor for the backward).
+
 `offload_stats()` / `reset_offload_stats()` count what the offload did (tensors, bytes, pinned buffers, fetches,
 fetches that were prefetched ahead), for tests and benchmarks.
 """
 
+import contextvars
 import functools
 import threading
 import weakref
@@ -45,6 +51,28 @@ _STAT_KEYS = ("offloaded", "bytes", "pinned", "fetched", "prefetched")
 _stats = dict.fromkeys(_STAT_KEYS, 0)
 _local = threading.local()  # the most recently offloaded input, to chain prefetches in backward order
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("sloth_recomputing", default=False)
+
+
+def recomputing() -> bool:
+    """True inside the backward's re-run of a layer checkpointed by `checkpoint_layer`."""
+    return _RECOMPUTING.get()
+
+
+def _marking_reruns(layer_forward):
+    """layer_forward, with `recomputing()` True in every call after the first (the first is the forward)."""
+    calls = 0
+
+    def run(*args, **kwargs):
+        nonlocal calls
+        token = _RECOMPUTING.set(calls > 0)
+        calls += 1
+        try:
+            return layer_forward(*args, **kwargs)
+        finally:
+            _RECOMPUTING.reset(token)
+
+    return run
 
 
 def offload_stats() -> dict[str, int]:
@@ -161,6 +189,7 @@ def checkpoint_layer(layer_forward, *args, offload: bool = False, **kwargs):
     """Run `layer_forward(*args, **kwargs)` keeping only its inputs (offload=True: on pinned host memory)."""
     if not torch.is_grad_enabled():
         return layer_forward(*args, **kwargs)
+    layer_forward = _marking_reruns(layer_forward)
     if offload:
         positions = [i for i, a in enumerate(args) if _offloadable(a)]
         if positions:

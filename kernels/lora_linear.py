@@ -17,7 +17,9 @@ Fused groups (one autograd Function each, x saved once), on peft LoRA layers (`l
 - `lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu" | "gelu_tanh") -> down(act(gate(x)) * up(x))`;
   backward recomputes gate/up outputs from the saved x (switch: `MLP_RECOMPUTE`). The gated activation is
   `sloth_kernels.swiglu` forward; its backward runs in place here (same activation math) to avoid two more
-  [M, intermediate] buffers.
+  [M, intermediate] buffers. `compute_output=False` builds the same autograd node (same saved tensors, same
+  gradients) but skips the down projection's GEMM and returns an uninitialised output: for a checkpoint re-run
+  whose output value nothing reads (see `sloth_kernels.checkpoint.recomputing`).
 Outputs of a group may be non-contiguous column views of one [M, N_q + N_k + N_v] buffer (their last dimension is
 dense, so `.view(..., heads, head_dim)` works).
 
@@ -519,12 +521,14 @@ def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, 
 
 
 class _Plan:
-    """The non-tensor half of an autograd call: base projections, compute dtype, activation (MLP only)."""
+    """The non-tensor half of an autograd call: base projections, compute dtype; for the MLP its activation and
+    whether its output is computed."""
 
-    __slots__ = ("projs", "compute_dtype", "activation")
+    __slots__ = ("projs", "compute_dtype", "activation", "compute_output")
 
-    def __init__(self, projs, compute_dtype, activation=None):
+    def __init__(self, projs, compute_dtype, activation=None, compute_output=True):
         self.projs, self.compute_dtype, self.activation = projs, compute_dtype, activation
+        self.compute_output = compute_output
 
 
 def _flat_params(parts):
@@ -606,7 +610,10 @@ class _LoraMLPFn(torch.autograd.Function):
             saved_gu = () if MLP_RECOMPUTE else ((gu,) if gu is not None else (g, u))
             del g, u, gu
             xa_down = torch.matmul(h, As[2].to(cd).t())
-            (y,), _ = _group_forward(h, [down], As[2:], Bs[2:], biases[2:], xa_down)
+            if plan.compute_output:
+                (y,), _ = _group_forward(h, [down], As[2:], Bs[2:], biases[2:], xa_down)
+            else:  # a re-run whose output nobody reads: the backward needs only what is saved below
+                y = torch.empty(x2.shape[0], down.out_features, dtype=cd, device=x2.device)
             del h
         ctx.projs, ctx.activation = projs, activation
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -683,8 +690,12 @@ def lora_o(x, o_proj):
     return y
 
 
-def lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu"):
-    """down_proj(act(gate_proj(x)) * up_proj(x)) for peft LoRA layers; activation "silu" (SwiGLU) or "gelu_tanh"."""
+def lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu", *, compute_output=True):
+    """down_proj(act(gate_proj(x)) * up_proj(x)) for peft LoRA layers; activation "silu" (SwiGLU) or "gelu_tanh".
+
+    compute_output=False: same autograd node and gradients, output left uninitialised (Triton path only; the
+    reference path always computes it).
+    """
     _check_activation(activation)
     if not use_triton(x):
         return lora_mlp_reference(x, gate_proj, up_proj, down_proj, activation)
@@ -694,5 +705,5 @@ def lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu"):
     if down.in_features != projs[0].out_features or projs[1].out_features != projs[0].out_features:
         raise LoraNotApplicable("gate/up/down shapes do not chain")
     params = _flat_params([(A, B, bias) for (_, _, A, B, _, bias) in parts])
-    plan = _Plan(projs + [down], module_compute_dtype(gate_proj), activation)
+    plan = _Plan(projs + [down], module_compute_dtype(gate_proj), activation, compute_output)
     return _LoraMLPFn.apply(plan, x, *params)

@@ -20,7 +20,8 @@ What is swapped in, module by module:
   windows are kept as they are). o_proj goes through `lora_o`. Phi-3's fused qkv_proj goes through `lora_o` too.
 - MLP: `lora_mlp` (gate, up, down and the gated activation in one autograd node) when gate/up/down qualify (with
   our checkpointing on, it keeps gate/up for its backward instead of recomputing them: the layer re-run already
-  recomputed them; `SLOTH_MLP_RECOMPUTE` in the environment overrides); otherwise the original projections with
+  recomputed them; `SLOTH_MLP_RECOMPUTE` in the environment overrides; and in that re-run, where the family adds
+  the MLP output straight to the residual, it skips the down projection, whose output nothing reads); otherwise the original projections with
   the `swiglu` (silu) / `geglu` (gelu tanh or erf) kernel between them. Phi-3's gate_up_proj / down_proj: each through `lora_o` when it qualifies, `swiglu` on the two halves.
 - Loss: the CausalLM's forward. When labels are given and the model trains with grad enabled it runs the decoder
   and `fused_linear_cross_entropy` on the last hidden state (causal shift as HF's `ForCausalLMLoss`, mean over
@@ -63,7 +64,8 @@ import torch
 import torch.nn.functional as F
 
 import sloth_kernels.lora_linear as lora_linear_module
-from sloth_kernels.checkpoint import enable_checkpointing
+from sloth_kernels._dispatch import use_triton
+from sloth_kernels.checkpoint import enable_checkpointing, recomputing
 from sloth_kernels.cross_entropy import fused_linear_cross_entropy
 from sloth_kernels.lora_linear import LoraNotApplicable, lora_mlp, lora_o, lora_parts, lora_qkv
 from sloth_kernels.rms_norm import rms_norm
@@ -80,6 +82,9 @@ class _Family:
     module: str  # the transformers modeling module of the family
     norm_class: str
     norm_offset: float  # 0: Llama casting, 1: Gemma's (1 + w)
+    # The decoder layer adds the MLP output straight to the residual (no norm after it that would save it), so a
+    # checkpoint re-run may skip computing it (lora_mlp's compute_output=False). Gemma 2/3 post-norm it: False.
+    mlp_output_to_residual: bool = True
 
 
 # Keyed by config.model_type. Gemma 3 is its text-only causal LM (Gemma3ForCausalLM, config Gemma3TextConfig).
@@ -90,8 +95,8 @@ FAMILIES: dict[str, _Family] = {
     "qwen3": _Family("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", 0.0),
     "phi3": _Family("transformers.models.phi3.modeling_phi3", "Phi3RMSNorm", 0.0),
     "gemma": _Family("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", 1.0),
-    "gemma2": _Family("transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm", 1.0),
-    "gemma3_text": _Family("transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm", 1.0),
+    "gemma2": _Family("transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm", 1.0, False),
+    "gemma3_text": _Family("transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm", 1.0, False),
 }
 
 # The act_fn modules transformers builds (ACT2FN), by class name, and the gated kernel each maps to.
@@ -375,7 +380,7 @@ class _Patcher:
         return True
 
     # -- MLP -------------------------------------------------------------------------------------------------------
-    def patch_mlp(self, mlp: torch.nn.Module) -> None:
+    def patch_mlp(self, mlp: torch.nn.Module, output_to_residual: bool = False) -> None:
         report = self.report
         act_module = getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None))
         activation = _activation(act_module)
@@ -412,7 +417,12 @@ class _Patcher:
                 if recompute is not None:
                     lora_linear_module.MLP_RECOMPUTE = recompute  # read when lora_mlp decides what to save
                 try:
-                    out = lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation)
+                    skip_output = output_to_residual and recomputing() and use_triton(x)
+                    # counted before the call: torch's checkpoint stops a re-run (raises inside lora_mlp) once the
+                    # last tensor the backward needs is saved, so in a re-run lora_mlp does not return.
+                    report.calls["mlp_output_skipped"] += skip_output
+                    out = lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation,
+                                   compute_output=not skip_output)
                     report.calls["mlp"] += 1
                     return out
                 except LoraNotApplicable as exc:
@@ -523,7 +533,8 @@ class _Patcher:
                 self.report.fallback("attention", f"{type(layer).__name__} has no self_attn")
             mlp = getattr(layer, "mlp", None)
             if mlp is not None:
-                self.patch_mlp(mlp)
+                to_residual = self.family.mlp_output_to_residual and not hasattr(layer, "post_feedforward_layernorm")
+                self.patch_mlp(mlp, output_to_residual=to_residual)
             else:
                 self.report.fallback("mlp", f"{type(layer).__name__} has no mlp")
         self.patch_loss()

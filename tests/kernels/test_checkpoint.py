@@ -19,6 +19,7 @@ from sloth_kernels.checkpoint import (
     disable_checkpointing,
     enable_checkpointing,
     offload_stats,
+    recomputing,
     reset_offload_stats,
 )
 
@@ -110,6 +111,26 @@ def test_checkpoint_layer_with_kwargs(device, offload, monkeypatch):
         _assert_same(g, g_ref, device, f"grad {i}")
     stats = offload_stats()
     assert stats["offloaded"] == stats["fetched"] == (1 if offload else 0)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_recomputing_is_true_only_in_the_rerun(offload, monkeypatch):
+    """`recomputing()` tells the backward's re-run from the forward (what lora_mlp's output skip relies on)."""
+    monkeypatch.setattr(ckpt, "_OFFLOAD_ON_CPU", True)
+    lin = torch.nn.Linear(8, 8)
+    seen = []
+
+    def layer(t):
+        seen.append(recomputing())
+        return torch.tanh(lin(t))
+
+    out = checkpoint_layer(layer, torch.randn(3, 8, requires_grad=True), offload=offload)
+    assert seen == [False] and not recomputing()
+    out.sum().backward()
+    assert seen == [False, True] and not recomputing()
+    with torch.no_grad():  # no checkpointing without grad: a plain call
+        checkpoint_layer(layer, torch.randn(3, 8), offload=offload)
+    assert seen == [False, True, False]
 
 
 @pytest.mark.parametrize("offload", [False, True])

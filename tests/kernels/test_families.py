@@ -50,6 +50,7 @@ FAMILIES = {
                         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=5.0),
     "phi3": dict(num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5),
 }
+SKIPS_MLP_OUTPUT_IN_RERUN = {"llama", "mistral", "qwen2", "qwen3", "gemma"}  # phi3: no lora_mlp (fused gate_up)
 TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # What the patch must cover in every family (modules patched per kind, 2 layers).
@@ -203,6 +204,8 @@ def test_twenty_steps(family, device, dtype, monkeypatch):
     report = _check_report(family, patched)
     _check_training(plain, patched, truth, _batches(20, device, seed=1), dtype)
     assert report.calls["loss"] == 20
+    if device == "cuda":  # the re-run skips the MLP output only where nothing reads it (Gemma 2/3 post-norm it)
+        assert (report.calls["mlp_output_skipped"] > 0) == (family in SKIPS_MLP_OUTPUT_IN_RERUN), report.calls
 
 
 def _check_training(plain, patched, truth, batches, dtype):
@@ -246,5 +249,8 @@ def test_nf4_llama(tiny_llama_dir, device, dtype):
     patch_model(patched, force=True)  # with checkpointing: recompute through the NF4 kernels
     report = _check_report("llama", patched)
     # CPU: 4 interpreted steps (the 4 distinct batches) keep the file's time budget; CUDA: 20.
-    _check_training(plain, patched, truth, _batches(4 if device == "cpu" else 20, device, seed=2), dtype)
+    n_steps = 4 if device == "cpu" else 20
+    _check_training(plain, patched, truth, _batches(n_steps, device, seed=2), dtype)
     assert report.calls["qkv"] > 0 and report.calls["mlp"] > 0
+    # every layer's re-run skipped the output (a re-run stops inside lora_mlp, so "mlp" counts forwards only)
+    assert report.calls["mlp_output_skipped"] == report.calls["mlp"] == n_steps * 2

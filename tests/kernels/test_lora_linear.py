@@ -253,6 +253,31 @@ def test_mlp_recompute_switch_and_gelu(saved_llama, activation, backend, monkeyp
             _assert_close(grads[name], ref[2][name], torch.float32, f"{name} recompute={recompute}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_without_output_gives_the_same_grads(saved_llama, dtype, backend):
+    """compute_output=False (a checkpoint re-run) builds the same node: dx and every LoRA grad bit for bit."""
+    model, layer = _peft_llama(saved_llama, True, dtype)
+    mlp = layer.mlp
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, 64).to(dtype)
+    dy = torch.randn(2, 5, 64).to(dtype)
+    params = _lora_params(mlp)
+    results = []
+    for compute_output in (True, False):
+        for p in params.values():
+            p.grad = None
+        xi = x.clone().requires_grad_()
+        y = lora_mlp(xi, mlp.gate_proj, mlp.up_proj, mlp.down_proj, compute_output=compute_output)
+        assert y.shape == x.shape and y.dtype == dtype
+        y.backward(dy)
+        results.append((xi.grad, {n: p.grad.clone() for n, p in params.items()}))
+    (dx, grads), (dx_skip, grads_skip) = results
+    assert torch.equal(dx, dx_skip)
+    assert grads.keys() == grads_skip.keys() and len(grads) == 6
+    for name in grads:
+        assert torch.equal(grads[name], grads_skip[name]), name
+
+
 def test_unused_outputs_give_zero_grads(saved_llama):
     """Only q feeds the loss: q's LoRA grads match peft, k/v's are zero (not garbage)."""
     model, layer = _peft_llama(saved_llama, True, torch.float32)
