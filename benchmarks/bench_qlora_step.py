@@ -201,6 +201,8 @@ def train(model, data, args, device) -> dict:
         print(f"step {step}: loss {losses[-1]:.5f} time {times[-1]:.3f}s", flush=True)
     if args.profile and device == "cuda":
         profile_step(model, opt, data[0], args)
+    if args.cprofile:
+        cprofile_steps(model, opt, data[0], args, sync)
     step_s = statistics.median(times[args.warmup:])
     out = {"tokens_per_s": args.batch * args.seq / step_s, "step_s": step_s, "step_times": times,
            "losses": losses, "trainable_params": sum(p.numel() for p in params)}
@@ -223,6 +225,29 @@ def profile_step(model, opt, ids, args) -> None:
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
     args.profile.mkdir(parents=True, exist_ok=True)
     (args.profile / f"{args.worker}.txt").write_text(table)
+
+
+def cprofile_steps(model, opt, ids, args, sync) -> None:
+    """Three more steps under cProfile (host-side Python cost; run with a short --seq to see it alone):
+    the 60 costliest functions by own time and by cumulative time go to `<cprofile>/<config>.txt`."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(60)
+    stats.sort_stats("cumulative").print_stats(60)
+    args.cprofile.mkdir(parents=True, exist_ok=True)
+    (args.cprofile / f"{args.worker}.txt").write_text(text.getvalue())
 
 
 def worker(name: str, args) -> dict:
@@ -343,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", type=Path, help="per-configuration logs (default: a temp dir)")
     parser.add_argument("--checkpoint", default=os.path.join(tempfile.gettempdir(), "sloth-bench-llama8b-random"))
     parser.add_argument("--profile", type=Path, help="also profile one step per configuration into this folder")
+    parser.add_argument("--cprofile", type=Path, help="also cProfile three steps per configuration into this folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -360,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seq={args.seq}", f"--batch={args.batch}",
               f"--layers={args.layers}", f"--checkpoint={args.checkpoint}"]
     common += ["--no-rope-scaling"] * args.no_rope_scaling + ["--tiny"] * args.tiny
-    common += [f"--profile={args.profile}"] * bool(args.profile)
+    common += [f"--profile={args.profile}"] * bool(args.profile) + [f"--cprofile={args.cprofile}"] * bool(args.cprofile)
     logdir = args.logdir or Path(tempfile.mkdtemp(prefix="bench-qlora-"))
     logdir.mkdir(parents=True, exist_ok=True)
     results = []

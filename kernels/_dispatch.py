@@ -10,6 +10,8 @@ import torch
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    # CUDA first: called on every op, and the environment lookup costs more than the tensor check.
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            return True
+    return os.environ.get("TRITON_INTERPRET") == "1"

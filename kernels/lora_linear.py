@@ -42,16 +42,19 @@ Dispatch: the Triton paths run when `use_triton(x)` (CUDA, or TRITON_INTERPRET=1
 """
 
 import os
+import threading
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sloth_kernels._dispatch import use_triton
 from sloth_kernels.nf4 import (
     check_quant_state,
     dequantize_nf4,
     dequantize_nf4_reference,
+    dequantize_nf4_stacked,
     interpreting,
     nf4_code,
     packed_bytes,
@@ -356,13 +359,110 @@ def _gated_act_backward_(g, u, dh, activation):
     m, n = g.shape
     if g.stride(1) != 1 or u.stride(1) != 1 or dh.stride(1) != 1:
         raise ValueError("gated activation backward needs unit column stride")
-    block = min(triton.next_power_of_2(n), 1024 if not interpreting() else 128)
+    interp = interpreting()
+    block = min(triton.next_power_of_2(n), 128 if interp else 1024)
     _gated_act_bwd_inplace_kernel[(m, triton.cdiv(n, block))](
         g, u, dh, n, g.stride(0), u.stride(0), dh.stride(0),
         ACT=GLU_SILU if activation == "silu" else GLU_GELU_TANH,
-        RNE_BF16=interpreting() and g.dtype == torch.bfloat16, BLOCK=block, num_warps=4,
+        RNE_BF16=interp and g.dtype == torch.bfloat16, BLOCK=block, num_warps=4,
     )
     return dh
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host-side caches
+# ----------------------------------------------------------------------------------------------------------------
+# GPU notes: a QLoRA step of an 8B model makes ~1000 calls into this module. Measured on the H200 host at seq 16
+# (where the GPU has nothing to do), our step cost ~0.4 s of host time against the ~0.32 s the GPU needed at seq
+# 2048, so the host set the pace: every cast, check and launch per call counts.
+#
+# Compute-dtype copies of the LoRA weights (peft keeps them fp32) are cached per *cache epoch*: an int the caller
+# hands in (`cache_epoch=`) and promises to change whenever the weights may have changed. patch_model draws a new one
+# at every forward of the model, so a training step casts each weight once, in its forward, and the checkpoint
+# re-run and the backward reuse it. (Version counters cannot do this: fused AdamW and `.data` writes do not bump
+# them.) Without an epoch nothing is cached. The epoch of the running autograd Function is thread-local, since the
+# backward runs on autograd's device threads.
+_epoch = threading.local()
+_casts = WeakIdKeyDictionary()  # tensor -> ((epoch, version, data_ptr, dtype), copy)
+_stacks = WeakIdKeyDictionary()  # first tensor -> ((epoch, versions, data_ptrs, dtype), the others, stacked copy)
+
+
+class _CacheEpoch:
+    """Sets the cast cache's epoch for the body of an autograd Function's forward or backward."""
+
+    __slots__ = ("value", "saved")
+
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        self.saved = getattr(_epoch, "value", None)
+        _epoch.value = self.value
+
+    def __exit__(self, *exc):
+        _epoch.value = self.saved
+
+
+def _as_compute(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` (read-only): t itself, or a copy, reused within one cache epoch."""
+    if t.dtype == dtype:
+        return t
+    epoch = getattr(_epoch, "value", None)
+    if epoch is None:
+        return t.detach().to(dtype)
+    stamp = (epoch, t._version, t.data_ptr(), dtype)
+    hit = _casts.get(t)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    copy = t.detach().to(dtype)
+    _casts[t] = (stamp, copy)
+    return copy
+
+
+def _stacked(ts, dtype: torch.dtype) -> torch.Tensor:
+    """cat(ts, dim=0) in `dtype` (read-only), reused within one cache epoch."""
+    if len(ts) == 1:
+        return _as_compute(ts[0], dtype)
+    epoch = getattr(_epoch, "value", None)
+    if epoch is None:
+        return torch.cat([t.detach().to(dtype) for t in ts], dim=0)
+    stamp = (epoch, tuple(t._version for t in ts), tuple(t.data_ptr() for t in ts), dtype)
+    hit = _stacks.get(ts[0])
+    if hit is not None and hit[0] == stamp and all(a is b for a, b in zip(hit[1], ts[1:])):
+        return hit[2]
+    stacked = torch.cat([t.detach().to(dtype) for t in ts], dim=0)
+    _stacks[ts[0]] = (stamp, tuple(ts[1:]), stacked)
+    return stacked
+
+
+def _cached_parts(module):
+    """(lora_parts(module), its _Proj), reused while the module's LoRA state and tensors are the ones seen last.
+
+    The key holds everything lora_parts reads that can change between calls (train/eval, active adapter, merged,
+    disabled, scaling) and the identity of the tensors it returned; anything else means a new call.
+    """
+    d = module.__dict__
+    adapter = d.get("_active_adapter")
+    key = (d.get("training"), adapter if isinstance(adapter, str) else tuple(adapter or ()),
+           len(d.get("merged_adapters") or ()), d.get("_disable_adapters"))
+    hit = d.get("_sloth_lora_parts")
+    if hit is not None and hit[0] == key:
+        parts, proj = hit[1], hit[2]
+        try:
+            same = (
+                module.scaling[adapter] == parts[4]
+                and module.lora_A[adapter].weight is parts[2]
+                and module.lora_B[adapter].weight is parts[3]
+                and module.get_base_layer().weight is parts[0]
+            )
+        except (KeyError, TypeError, AttributeError):
+            same = False
+        if same:
+            return parts, proj
+    parts = lora_parts(module)
+    proj = _Proj(parts[0], parts[1], parts[4])
+    d["_sloth_lora_parts"] = (key, parts, proj)
+    return parts, proj
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,6 +501,8 @@ def _materialise(projs, dtype, device):
     if len(projs) == 1 and projs[0].quant_state is None:
         return projs[0].weight.to(dtype)
     w = torch.empty(sum(p.out_features for p in projs), projs[0].in_features, dtype=dtype, device=device)
+    if len(projs) in (2, 3) and all(p.quant_state is not None for p in projs):
+        return dequantize_nf4_stacked([(p.weight, p.quant_state) for p in projs], w)  # one launch
     row = 0
     for p in projs:
         if p.quant_state is None:
@@ -457,14 +559,14 @@ def _group_forward(x2, projs, As, Bs, biases, xa):
         outs, col = [], 0
         for p, B, bias, rs in zip(projs, Bs, biases, ranks):
             y = y_all[:, col : col + p.out_features]
-            y.addmm_(xa[:, rs], B.to(cd).t(), alpha=p.scaling)
+            y.addmm_(xa[:, rs], _as_compute(B, cd).t(), alpha=p.scaling)
             if bias is not None:
                 y.add_(bias.to(cd))
             outs.append(y)
             col += p.out_features
         return outs, y_all
     outs = [
-        _mm(x2, p, True, lora=(xa[:, rs], B.to(cd).t(), p.scaling), bias=bias)
+        _mm(x2, p, True, lora=(xa[:, rs], _as_compute(B, cd).t(), p.scaling), bias=bias)
         for p, B, bias, rs in zip(projs, Bs, biases, ranks)
     ]
     return outs, None
@@ -480,7 +582,7 @@ def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, 
     dyb = torch.zeros(x2.shape[0], ranks[-1].stop, dtype=cd, device=x2.device) if len(live) < len(dys) else None
     parts = []
     for i in live:
-        part = torch.matmul(dys[i], Bs[i].to(cd)).mul_(projs[i].scaling)
+        part = torch.matmul(dys[i], _as_compute(Bs[i], cd)).mul_(projs[i].scaling)
         if dyb is not None:
             dyb[:, ranks[i]] = part
         parts.append(part)
@@ -497,8 +599,7 @@ def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, 
         else:
             for i in live:
                 dx = _mm(dys[i], projs[i], False, out=dx)
-        a_cat = torch.cat([A.to(cd) for A in As], dim=0) if len(As) > 1 else As[0].to(cd)
-        dx.addmm_(dyb, a_cat)
+        dx.addmm_(dyb, _stacked(As, cd))
     elif need_x:
         dx = torch.zeros_like(x2)
 
@@ -524,11 +625,11 @@ class _Plan:
     """The non-tensor half of an autograd call: base projections, compute dtype; for the MLP its activation and
     whether its output is computed."""
 
-    __slots__ = ("projs", "compute_dtype", "activation", "compute_output")
+    __slots__ = ("projs", "compute_dtype", "activation", "compute_output", "cache_epoch")
 
-    def __init__(self, projs, compute_dtype, activation=None, compute_output=True):
+    def __init__(self, projs, compute_dtype, activation=None, compute_output=True, cache_epoch=None):
         self.projs, self.compute_dtype, self.activation = projs, compute_dtype, activation
-        self.compute_output = compute_output
+        self.compute_output, self.cache_epoch = compute_output, cache_epoch
 
 
 def _flat_params(parts):
@@ -536,14 +637,18 @@ def _flat_params(parts):
     return [t for triple in parts for t in triple]
 
 
-def _prepare(x, parts):
-    """The frozen base projections of `parts` (lora_parts tuples), checked to all read x's feature dimension."""
-    projs = [_Proj(w, qs, s) for (w, qs, _, _, s, _) in parts]
+def _check_inputs(x, projs):
+    """All projections read x's feature dimension."""
     k = projs[0].in_features
     for p in projs:
         if p.in_features != k or x.shape[-1] != k:
             raise LoraNotApplicable(f"input features {x.shape[-1]} do not match base weights ({p.in_features})")
     return projs
+
+
+def _prepare(x, parts):
+    """The frozen base projections of `parts` (lora_parts tuples), checked to all read x's feature dimension."""
+    return _check_inputs(x, [_Proj(w, qs, s) for (w, qs, _, _, s, _) in parts])
 
 
 class _LoraGroupFn(torch.autograd.Function):
@@ -553,26 +658,29 @@ class _LoraGroupFn(torch.autograd.Function):
     def forward(ctx, plan, x, *params):
         projs = plan.projs
         cd = _compute_dtype(x, plan.compute_dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), _CacheEpoch(plan.cache_epoch):
             As, Bs, biases = params[0::3], params[1::3], params[2::3]
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
-            a_cat = torch.cat([A.to(cd) for A in As], dim=0) if len(As) > 1 else As[0].to(cd)
-            xa = torch.matmul(x2, a_cat.t())
+            xa = torch.matmul(x2, _stacked(As, cd).t())
             outs, _ = _group_forward(x2, projs, As, Bs, biases, xa)
-        ctx.projs = projs
+        ctx.projs, ctx.cache_epoch = projs, plan.cache_epoch
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, xa, *params)
+        # The LoRA weights go on ctx, not through save_for_backward: they live anyway, and under torch's
+        # checkpointing every saved tensor costs a Python pack hook in both runs and an unpack in the backward.
+        ctx.save_for_backward(x2, xa)
+        ctx.params = params
         lead = x.shape[:-1]
         return tuple(y.view(*lead, y.shape[-1]) for y in outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x2, xa, *params = ctx.saved_tensors
+        x2, xa = ctx.saved_tensors
+        params = ctx.params
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         cd = x2.dtype
-        with torch.autocast(x2.device.type, enabled=False):
+        with torch.autocast(x2.device.type, enabled=False), _CacheEpoch(ctx.cache_epoch):
             dys = [None if g is None else g.reshape(-1, g.shape[-1]).to(cd) for g in grads]
             need = ctx.needs_input_grad
             dx, dAs, dBs, dbiases = _group_backward(
@@ -587,10 +695,10 @@ class _LoraGroupFn(torch.autograd.Function):
         return tuple(out)
 
 
-def _run_group(x, parts, compute_dtype=None):
-    projs = _prepare(x, parts)
+def _run_group(x, parts, compute_dtype=None, projs=None, cache_epoch=None):
+    projs = _prepare(x, parts) if projs is None else _check_inputs(x, projs)
     params = _flat_params([(A, B, bias) for (_, _, A, B, _, bias) in parts])
-    return _LoraGroupFn.apply(_Plan(projs, compute_dtype), x, *params)
+    return _LoraGroupFn.apply(_Plan(projs, compute_dtype, cache_epoch=cache_epoch), x, *params)
 
 
 class _LoraMLPFn(torch.autograd.Function):
@@ -601,35 +709,35 @@ class _LoraMLPFn(torch.autograd.Function):
         projs, activation = plan.projs, plan.activation
         cd = _compute_dtype(x, plan.compute_dtype)
         gate_up, down = projs[:2], projs[2]
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), _CacheEpoch(plan.cache_epoch):
             As, Bs, biases = params[0::3], params[1::3], params[2::3]
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
-            xa = torch.matmul(x2, torch.cat([As[0].to(cd), As[1].to(cd)], dim=0).t())
+            xa = torch.matmul(x2, _stacked(As[:2], cd).t())
             (g, u), gu = _group_forward(x2, gate_up, As[:2], Bs[:2], biases[:2], xa)
             h = _gated_act(g, u, activation)
             saved_gu = () if MLP_RECOMPUTE else ((gu,) if gu is not None else (g, u))
             del g, u, gu
-            xa_down = torch.matmul(h, As[2].to(cd).t())
+            xa_down = torch.matmul(h, _as_compute(As[2], cd).t())
             if plan.compute_output:
                 (y,), _ = _group_forward(h, [down], As[2:], Bs[2:], biases[2:], xa_down)
             else:  # a re-run whose output nobody reads: the backward needs only what is saved below
                 y = torch.empty(x2.shape[0], down.out_features, dtype=cd, device=x2.device)
             del h
-        ctx.projs, ctx.activation = projs, activation
+        ctx.projs, ctx.activation, ctx.cache_epoch = projs, activation, plan.cache_epoch
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.n_saved_gu = len(saved_gu)
-        ctx.save_for_backward(x2, xa, xa_down, *saved_gu, *params)
+        ctx.save_for_backward(x2, xa, xa_down, *saved_gu)
+        ctx.params = params  # see _LoraGroupFn
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, xa_down, *rest = ctx.saved_tensors
-        saved_gu, params = rest[: ctx.n_saved_gu], rest[ctx.n_saved_gu :]
+        x2, xa, xa_down, *saved_gu = ctx.saved_tensors
+        params = ctx.params
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         gate_up, down = ctx.projs[:2], ctx.projs[2]
         need = ctx.needs_input_grad  # (plan, x, A0, B0, b0, A1, B1, b1, A2, B2, b2)
         cd = x2.dtype
-        with torch.autocast(x2.device.type, enabled=False):
+        with torch.autocast(x2.device.type, enabled=False), _CacheEpoch(ctx.cache_epoch):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
             # g, u are overwritten in place below, so saved ones are cloned (backward may be retained).
             if len(saved_gu) == 1:
@@ -640,8 +748,8 @@ class _LoraMLPFn(torch.autograd.Function):
             else:
                 (g, u), gu = _group_forward(x2, gate_up, As[:2], Bs[:2], biases[:2], xa)
             # dh = dY @ W_down + s (dY @ B_down) @ A_down; then act backward turns (g, u, dh) into (dg, du, h).
-            dyb = torch.matmul(dy2, Bs[2].to(cd)).mul_(down.scaling)
-            dh = _mm(dy2, down, False, lora=(dyb, As[2].to(cd), 1.0))
+            dyb = torch.matmul(dy2, _as_compute(Bs[2], cd)).mul_(down.scaling)
+            dh = _mm(dy2, down, False, lora=(dyb, _as_compute(As[2], cd), 1.0))
             h = _gated_act_backward_(g, u, dh, ctx.activation)
             dg, du = g, u
             dA_down = torch.matmul(dyb.t(), h).to(As[2].dtype) if need[8] else None
@@ -671,26 +779,29 @@ def lora_linear(x, base_weight, quant_state, lora_A, lora_B, scaling, bias=None,
     return y
 
 
-def lora_qkv(x, q_proj, k_proj, v_proj):
-    """(q_proj(x), k_proj(x), v_proj(x)) for peft LoRA layers, as one autograd node that saves x once."""
-    parts = [lora_parts(m) for m in (q_proj, k_proj, v_proj)]
+def lora_qkv(x, q_proj, k_proj, v_proj, *, cache_epoch=None):
+    """(q_proj(x), k_proj(x), v_proj(x)) for peft LoRA layers, as one autograd node that saves x once.
+
+    cache_epoch (also on lora_o / lora_mlp): see "Host-side caches"; None caches nothing.
+    """
+    parts, projs = zip(*(_cached_parts(m) for m in (q_proj, k_proj, v_proj)))
     cd = module_compute_dtype(q_proj)
     if not use_triton(x):
         return tuple(lora_linear_reference(x, *p, compute_dtype=cd) for p in parts)
-    return _run_group(x, parts, cd)
+    return _run_group(x, parts, cd, list(projs), cache_epoch)
 
 
-def lora_o(x, o_proj):
+def lora_o(x, o_proj, *, cache_epoch=None):
     """o_proj(x) for a peft LoRA layer (single projection, same machinery as lora_qkv)."""
-    parts = lora_parts(o_proj)
+    parts, proj = _cached_parts(o_proj)
     cd = module_compute_dtype(o_proj)
     if not use_triton(x):
         return lora_linear_reference(x, *parts, compute_dtype=cd)
-    (y,) = _run_group(x, [parts], cd)
+    (y,) = _run_group(x, [parts], cd, [proj], cache_epoch)
     return y
 
 
-def lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu", *, compute_output=True):
+def lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu", *, compute_output=True, cache_epoch=None):
     """down_proj(act(gate_proj(x)) * up_proj(x)) for peft LoRA layers; activation "silu" (SwiGLU) or "gelu_tanh".
 
     compute_output=False: same autograd node and gradients, output left uninitialised (Triton path only; the
@@ -699,11 +810,10 @@ def lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu", *, compute_out
     _check_activation(activation)
     if not use_triton(x):
         return lora_mlp_reference(x, gate_proj, up_proj, down_proj, activation)
-    parts = [lora_parts(m) for m in (gate_proj, up_proj, down_proj)]
-    projs = _prepare(x, parts[:2])
-    down = _Proj(*(parts[2][i] for i in (0, 1, 4)))
+    parts, projs = zip(*(_cached_parts(m) for m in (gate_proj, up_proj, down_proj)))
+    projs, down = _check_inputs(x, list(projs[:2])), projs[2]
     if down.in_features != projs[0].out_features or projs[1].out_features != projs[0].out_features:
         raise LoraNotApplicable("gate/up/down shapes do not chain")
     params = _flat_params([(A, B, bias) for (_, _, A, B, _, bias) in parts])
-    plan = _Plan(projs + [down], module_compute_dtype(gate_proj), activation, compute_output)
+    plan = _Plan(projs + [down], module_compute_dtype(gate_proj), activation, compute_output, cache_epoch)
     return _LoraMLPFn.apply(plan, x, *params)

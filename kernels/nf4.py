@@ -190,6 +190,47 @@ def _dequant_nf4_kernel(
 
 
 @triton.jit
+def _dequant_nf4_part(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, numel, pid,
+                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                      RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """Program `pid` of one weight inside a stacked launch: BLOCK packed bytes -> 2*BLOCK contiguous outputs."""
+    byte = pid * BLOCK + tl.arange(0, BLOCK)
+    first = byte * 2
+    bmask = first < numel
+    b = tl.load(packed_ptr + byte, mask=bmask, other=0).to(tl.int32)
+    scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first // BLOCKSIZE, bmask, NESTED, BLOCKSIZE2)
+    hi = tl.load(code_ptr + (b >> 4)) * scale
+    lo = tl.load(code_ptr + (b & 15)) * scale
+    if RNE_BF16:
+        hi = round_bf16_rne(hi)
+        lo = round_bf16_rne(lo)
+    vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
+    flat = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + flat, vals, mask=flat < numel)
+
+
+@triton.jit
+def _dequant_nf4_stacked_kernel(
+    code_ptr,
+    p0, a0, c0, s0, o0, out0, n0, end0,
+    p1, a1, c1, s1, o1, out1, n1, end1,
+    p2, a2, c2, s2, o2, out2, n2,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, THREE: tl.constexpr,
+    RNE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Two or three NF4 weights in one launch: programs [0, end0) do weight 0, [end0, end1) weight 1, the rest 2."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < end0:
+        _dequant_nf4_part(p0, code_ptr, a0, c0, s0, o0, out0, n0, pid, BLOCKSIZE, BLOCKSIZE2, NESTED, RNE_BF16, BLOCK)
+    elif pid < end1:
+        _dequant_nf4_part(p1, code_ptr, a1, c1, s1, o1, out1, n1, pid - end0, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                          RNE_BF16, BLOCK)
+    elif THREE:
+        _dequant_nf4_part(p2, code_ptr, a2, c2, s2, o2, out2, n2, pid - end1, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                          RNE_BF16, BLOCK)
+
+
+@triton.jit
 def _absmax_kernel(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_blocks,
                    BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -241,14 +282,64 @@ def dequantize_nf4(weight_packed, quant_state, out=None, *, dtype=None) -> torch
     absmax, code2, absmax2, offset, bs2 = _nested_args(quant_state)
     # GPU notes: memory bound (reads 0.5 B, writes 2 B per weight); 1024 bytes -> 2048 outputs per program with 4
     # warps keeps 16 contiguous bf16 per thread for wide stores.
-    block = 1024 if not interpreting() else 4096  # the interpreter pays per program, not per element
+    interp = interpreting()
+    block = 4096 if interp else 1024  # the interpreter pays per program, not per element
     _dequant_nf4_kernel[(triton.cdiv(numel, 2 * block),)](
         b, nf4_code(b.device), absmax, code2, absmax2, offset, res,
         numel, k, res.stride(0), res.stride(1),
         BLOCKSIZE=int(quant_state.blocksize), BLOCKSIZE2=bs2, NESTED=bool(quant_state.nested),
-        CONTIGUOUS=res.is_contiguous(), RNE_BF16=interpreting() and res.dtype == torch.bfloat16, BLOCK=block,
+        CONTIGUOUS=res.is_contiguous(), RNE_BF16=interp and res.dtype == torch.bfloat16, BLOCK=block,
         num_warps=4,
         # bnb computes code2*absmax2 and then adds the offset as two roundings; an FMA would differ in the last bit.
         enable_fp_fusion=False,
     )
     return res
+
+
+def dequantize_nf4_stacked(weights, out: torch.Tensor) -> torch.Tensor:
+    """Dequantise 2 or 3 NF4 weights with the same in_features into the row blocks of `out` [sum N, K], in order.
+
+    `weights` is a list of (weight_packed, quant_state). One launch when they share blocksize and double
+    quantisation and `out` is contiguous (GPU notes: each launch costs tens of microseconds of host time, and a
+    step dequantises q/k/v and gate/up together several times per layer); otherwise one `dequantize_nf4` each.
+    """
+    shapes = [check_quant_state(qs) for _, qs in weights]
+    if sum(n for n, _ in shapes) != out.shape[0] or any(k != out.shape[1] for _, k in shapes):
+        raise ValueError(f"out has shape {tuple(out.shape)}, the weights stack to {shapes}")
+    states = [qs for _, qs in weights]
+    first = states[0]
+    single = (
+        len(weights) not in (2, 3)
+        or not use_triton(out)
+        or not out.is_contiguous()
+        or any(qs.blocksize != first.blocksize or bool(qs.nested) != bool(first.nested) for qs in states)
+        or (first.nested and any(qs.state2.blocksize != first.state2.blocksize for qs in states))
+    )
+    if single:
+        row = 0
+        for (packed, qs), (n, _) in zip(weights, shapes):
+            dequantize_nf4(packed, qs, out=out[row : row + n])
+            row += n
+        return out
+    interp = interpreting()
+    block = 4096 if interp else 1024
+    args, end, row, bs2 = [], 0, 0, 1
+    for (packed, qs), (n, k) in zip(weights, shapes):
+        b = packed_bytes(packed)
+        numel = n * k
+        if b.numel() * 2 < numel:
+            raise ValueError(f"packed weight holds {b.numel() * 2} nibbles, quant_state.shape needs {numel}")
+        absmax, code2, absmax2, offset, bs2 = _nested_args(qs)
+        end += triton.cdiv(numel, 2 * block)
+        args += [b, absmax, code2, absmax2, offset, out[row : row + n], numel, end]
+        row += n
+    if len(weights) == 2:
+        args += args[:7]  # an unused third slot (THREE=False), same types
+    else:
+        args.pop()  # the last weight's end is the grid
+    _dequant_nf4_stacked_kernel[(end,)](
+        nf4_code(out.device), *args,
+        BLOCKSIZE=int(first.blocksize), BLOCKSIZE2=bs2, NESTED=bool(first.nested), THREE=len(weights) == 3,
+        RNE_BF16=interp and out.dtype == torch.bfloat16, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+    )
+    return out

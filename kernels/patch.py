@@ -55,6 +55,7 @@ import contextvars
 import functools
 import importlib
 import inspect
+import itertools
 import logging
 import os
 from collections import Counter
@@ -108,6 +109,21 @@ _ACTIVATIONS = {
     "NewGELUActivation": "gelu_tanh",
     "GELUActivation": "gelu",
 }
+
+
+_EPOCHS = itertools.count(1)
+
+
+class _Epoch:
+    """A patched model's current cache epoch; `advance` is its decoder's forward pre-hook."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = next(_EPOCHS)
+
+    def advance(self, *_):
+        self.value = next(_EPOCHS)
 
 
 @dataclass
@@ -267,6 +283,9 @@ class _Patcher:
         self.modeling = importlib.import_module(family.module)
         self.undo: list = []
         self.mlp_recompute: bool | None = None  # lora_mlp's MLP_RECOMPUTE during our calls; None: leave it
+        # The LoRA ops' cast-cache epoch (see sloth_kernels.lora_linear): a new one at every decoder forward, the
+        # only place the LoRA weights can have changed since the last (an optimizer step comes between forwards).
+        self.epoch = _Epoch()
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def set_forward(self, module: torch.nn.Module, forward, kind: str | None) -> None:
@@ -331,7 +350,7 @@ class _Patcher:
             self.patch_projection(attn.o_proj, kind="o")
         if not (rope or fuse_qkv):
             return
-        original = attn.forward
+        original, epoch = attn.forward, self.epoch
 
         def forward(*args, **kwargs):
             token = _ROPE_REPORT.set(report) if rope else None
@@ -340,7 +359,7 @@ class _Patcher:
                     return original(*args, **kwargs)
                 x = args[0] if args else kwargs.get("hidden_states")
                 try:
-                    q, k, v = lora_qkv(x, attn.q_proj, attn.k_proj, attn.v_proj)
+                    q, k, v = lora_qkv(x, attn.q_proj, attn.k_proj, attn.v_proj, cache_epoch=epoch.value)
                 except LoraNotApplicable as exc:
                     report.fallback("qkv", str(exc))
                     return original(*args, **kwargs)
@@ -364,12 +383,12 @@ class _Patcher:
         if problem:
             self.report.fallback(kind, problem)
             return False
-        original, report = proj.forward, self.report
+        original, report, epoch = proj.forward, self.report, self.epoch
 
         def forward(x, *args, **kwargs):
             if not args and not kwargs:
                 try:
-                    out = lora_o(x, proj)
+                    out = lora_o(x, proj, cache_epoch=epoch.value)
                     report.calls[kind] += 1
                     return out
                 except LoraNotApplicable as exc:
@@ -409,7 +428,7 @@ class _Patcher:
             report.fallback("mlp", problem)
         fused = problem is None
 
-        recompute = self.mlp_recompute
+        recompute, epoch = self.mlp_recompute, self.epoch
 
         def forward(x):
             if fused:
@@ -422,7 +441,7 @@ class _Patcher:
                     # last tensor the backward needs is saved, so in a re-run lora_mlp does not return.
                     report.calls["mlp_output_skipped"] += skip_output
                     out = lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation,
-                                   compute_output=not skip_output)
+                                   compute_output=not skip_output, cache_epoch=epoch.value)
                     report.calls["mlp"] += 1
                     return out
                 except LoraNotApplicable as exc:
@@ -540,6 +559,8 @@ class _Patcher:
         self.patch_loss()
         if checkpointing:
             self.patch_checkpointing(layers, offload)
+        handle = decoder.register_forward_pre_hook(self.epoch.advance)
+        self.undo.append(handle.remove)
 
 
 def _causal_lm_output(loss: torch.Tensor, outputs):

@@ -182,7 +182,9 @@ def test_step_and_logits(family, device, dtype):
 
 
 def _train(model, batches):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    # fused AdamW writes the weights without bumping their version counters: the patched model's cast cache
+    # (sloth_kernels.lora_linear, one epoch per forward) must still see every step's weights.
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, fused=True)
     losses = []
     for batch in batches:
         loss = model(**batch).loss

@@ -278,6 +278,31 @@ def test_mlp_without_output_gives_the_same_grads(saved_llama, dtype, backend):
         assert torch.equal(grads[name], grads_skip[name]), name
 
 
+def test_cast_cache_follows_the_epoch(saved_llama, backend):
+    """Within one cache epoch the compute-dtype LoRA weights are cast once; a new epoch sees weights changed even
+    where no version counter moved (`.data` writes, fused AdamW); no epoch caches nothing."""
+    model, layer = _peft_llama(saved_llama, True, torch.bfloat16)
+    o_proj = layer.self_attn.o_proj
+    A = o_proj.lora_A["default"].weight
+    assert A.dtype == torch.float32  # peft keeps LoRA fp32: the op casts it
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+
+    def run(epoch):
+        with torch.no_grad():
+            return lora_o(x, o_proj, cache_epoch=epoch).float()
+
+    before = run(epoch=1)
+    version = A._version
+    A.data.add_(0.5)  # changes the weight, not its version counter
+    assert A._version == version
+    stale, fresh, uncached = run(epoch=1), run(epoch=2), run(epoch=None)
+    assert torch.equal(stale, before)  # same epoch: the caller promised nothing changed
+    assert not torch.equal(fresh, before)
+    assert torch.equal(fresh, uncached)
+    ref = lora_linear_reference(x, *lora_parts(o_proj)).float()
+    _assert_close(fresh, ref, torch.bfloat16, "o after the update")
+
+
 def test_unused_outputs_give_zero_grads(saved_llama):
     """Only q feeds the loss: q's LoRA grads match peft, k/v's are zero (not garbage)."""
     model, layer = _peft_llama(saved_llama, True, torch.float32)

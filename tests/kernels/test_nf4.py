@@ -19,6 +19,7 @@ from sloth_kernels.nf4 import (
     absmax_reference,
     dequantize_nf4,
     dequantize_nf4_reference,
+    dequantize_nf4_stacked,
     resolve_absmax,
 )
 
@@ -76,6 +77,33 @@ def test_blocks_straddling_rows(device, dtype, nested):
         _assert_within_4bit_error(ref, w, blocksize=64)
         if device == "cuda":
             torch.testing.assert_close(ref, F.dequantize_4bit(packed, qs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("count", [2, 3])
+def test_stacked_equals_one_by_one(device, dtype, nested, count):
+    """q/k/v- or gate/up-style stacks (different row counts, one in_features) in one launch: bit-exact per weight."""
+    rows = [65, 37, 128][:count] if device == "cpu" else [4096, 1024, 1024][:count]
+    cols = 384 if device == "cpu" else 4096
+    weights = [_quantize((n, cols), dtype, device, 64, nested, seed=i)[1:] for i, n in enumerate(rows)]
+    out = torch.full((sum(rows), cols), float("nan"), dtype=dtype, device=device)
+    assert dequantize_nf4_stacked(weights, out) is out
+    expected = torch.cat([F.dequantize_4bit(packed, qs) for packed, qs in weights])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stacked_falls_back_when_weights_differ(device):
+    """Different block sizes (or double quantisation) cannot share one launch: one launch each, same result."""
+    a = _quantize((64, 128), torch.float32, device, 64, True, seed=1)[1:]
+    b = _quantize((32, 128), torch.float32, device, 128, False, seed=2)[1:]
+    out = torch.empty(96, 128, device=device)
+    dequantize_nf4_stacked([a, b], out)
+    torch.testing.assert_close(out, torch.cat([F.dequantize_4bit(*a), F.dequantize_4bit(*b)]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="stack"):
+        dequantize_nf4_stacked([a, b], torch.empty(95, 128, device=device))
 
 
 def _assert_within_4bit_error(deq, original, blocksize):
