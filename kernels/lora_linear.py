@@ -385,6 +385,7 @@ def _gated_act_backward_(g, u, dh, activation):
 _epoch = threading.local()
 _casts = WeakIdKeyDictionary()  # tensor -> ((epoch, version, data_ptr, dtype), copy)
 _stacks = WeakIdKeyDictionary()  # first tensor -> ((epoch, versions, data_ptrs, dtype), the others, stacked copy)
+_blocks = WeakIdKeyDictionary()  # first B -> (stamp, the other Bs, scaled block-diagonal B^T)
 
 
 class _CacheEpoch:
@@ -419,20 +420,42 @@ def _as_compute(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return copy
 
 
+def _epoch_cached(store, ts, key, build):
+    """build(), or what it returned for the same tensors ts and key within the current cache epoch."""
+    epoch = getattr(_epoch, "value", None)
+    if epoch is None:
+        return build()
+    stamp = (epoch, tuple(t._version for t in ts), tuple(t.data_ptr() for t in ts), key)
+    hit = store.get(ts[0])
+    if hit is not None and hit[0] == stamp and all(a is b for a, b in zip(hit[1], ts[1:])):
+        return hit[2]
+    value = build()
+    store[ts[0]] = (stamp, tuple(ts[1:]), value)
+    return value
+
+
 def _stacked(ts, dtype: torch.dtype) -> torch.Tensor:
     """cat(ts, dim=0) in `dtype` (read-only), reused within one cache epoch."""
     if len(ts) == 1:
         return _as_compute(ts[0], dtype)
-    epoch = getattr(_epoch, "value", None)
-    if epoch is None:
-        return torch.cat([t.detach().to(dtype) for t in ts], dim=0)
-    stamp = (epoch, tuple(t._version for t in ts), tuple(t.data_ptr() for t in ts), dtype)
-    hit = _stacks.get(ts[0])
-    if hit is not None and hit[0] == stamp and all(a is b for a, b in zip(hit[1], ts[1:])):
-        return hit[2]
-    stacked = torch.cat([t.detach().to(dtype) for t in ts], dim=0)
-    _stacks[ts[0]] = (stamp, tuple(ts[1:]), stacked)
-    return stacked
+    return _epoch_cached(_stacks, ts, dtype, lambda: torch.cat([t.detach().to(dtype) for t in ts], dim=0))
+
+
+def _scaled_block_bt(Bs, scalings, dtype: torch.dtype) -> torch.Tensor:
+    """[sum r, sum N] block-diagonal, block i = s_i * B_i^T: a group's LoRA up-projections as one GEMM operand
+    (the zero blocks cost a few tiny extra flops; one launch instead of one per projection)."""
+
+    def build():
+        rows, cols = sum(B.shape[1] for B in Bs), sum(B.shape[0] for B in Bs)
+        out = torch.zeros(rows, cols, dtype=dtype, device=Bs[0].device)
+        r = c = 0
+        for B, scale in zip(Bs, scalings):
+            n, k = B.shape
+            out[r : r + k, c : c + n] = B.detach().t() * scale
+            r, c = r + k, c + n
+        return out
+
+    return _epoch_cached(_blocks, Bs, (dtype, tuple(scalings)), build)
 
 
 def _cached_parts(module):
@@ -442,12 +465,13 @@ def _cached_parts(module):
     disabled, scaling) and the identity of the tensors it returned; anything else means a new call.
     """
     d = module.__dict__
-    adapter = d.get("_active_adapter")
-    key = (d.get("training"), adapter if isinstance(adapter, str) else tuple(adapter or ()),
-           len(d.get("merged_adapters") or ()), d.get("_disable_adapters"))
+    active = d.get("_active_adapter")  # peft keeps a str or a list of names
+    active = (active,) if isinstance(active, str) else tuple(active or ())
+    key = (d.get("training"), active, len(d.get("merged_adapters") or ()), d.get("_disable_adapters"))
     hit = d.get("_sloth_lora_parts")
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and len(active) == 1:
         parts, proj = hit[1], hit[2]
+        adapter = active[0]
         try:
             same = (
                 module.scaling[adapter] == parts[4]
@@ -537,6 +561,14 @@ def _mm(a, proj, trans, lora=None, bias=None, out=None):
     return out
 
 
+def _col_slices(projs):
+    slices, start = [], 0
+    for p in projs:
+        slices.append(slice(start, start + p.out_features))
+        start += p.out_features
+    return slices
+
+
 def _rank_slices(As):
     slices, start = [], 0
     for A in As:
@@ -556,14 +588,11 @@ def _group_forward(x2, projs, As, Bs, biases, xa):
         w = _materialise(projs, cd, x2.device)
         y_all = torch.matmul(x2, w.t())
         del w
-        outs, col = [], 0
-        for p, B, bias, rs in zip(projs, Bs, biases, ranks):
-            y = y_all[:, col : col + p.out_features]
-            y.addmm_(xa[:, rs], _as_compute(B, cd).t(), alpha=p.scaling)
+        y_all.addmm_(xa, _scaled_block_bt(Bs, [p.scaling for p in projs], cd))
+        outs = [y_all[:, cols] for cols in _col_slices(projs)]
+        for y, bias in zip(outs, biases):
             if bias is not None:
                 y.add_(bias.to(cd))
-            outs.append(y)
-            col += p.out_features
         return outs, y_all
     outs = [
         _mm(x2, p, True, lora=(xa[:, rs], _as_compute(B, cd).t(), p.scaling), bias=bias)
@@ -579,16 +608,19 @@ def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, 
     ranks = _rank_slices(As)
     live = [i for i, dy in enumerate(dys) if dy is not None]
     # (dY_i @ B_i) * s_i for all live projections, side by side: [M, sum r].
-    dyb = torch.zeros(x2.shape[0], ranks[-1].stop, dtype=cd, device=x2.device) if len(live) < len(dys) else None
-    parts = []
-    for i in live:
-        part = torch.matmul(dys[i], _as_compute(Bs[i], cd)).mul_(projs[i].scaling)
-        if dyb is not None:
-            dyb[:, ranks[i]] = part
-        parts.append(part)
-    if dyb is None:
-        dyb = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    del parts
+    if dy_stacked is not None and len(live) == len(dys) > 1:
+        dyb = torch.matmul(dy_stacked, _scaled_block_bt(Bs, [p.scaling for p in projs], cd).t())
+    else:
+        dyb = torch.zeros(x2.shape[0], ranks[-1].stop, dtype=cd, device=x2.device) if len(live) < len(dys) else None
+        parts = []
+        for i in live:
+            part = torch.matmul(dys[i], _as_compute(Bs[i], cd)).mul_(projs[i].scaling)
+            if dyb is not None:
+                dyb[:, ranks[i]] = part
+            parts.append(part)
+        if dyb is None:
+            dyb = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        del parts
 
     dx = None
     if need_x and live:
@@ -683,9 +715,15 @@ class _LoraGroupFn(torch.autograd.Function):
         with torch.autocast(x2.device.type, enabled=False), _CacheEpoch(ctx.cache_epoch):
             dys = [None if g is None else g.reshape(-1, g.shape[-1]).to(cd) for g in grads]
             need = ctx.needs_input_grad
+            dy_stacked = None
+            if need[1] and len(dys) > 1 and all(dy is not None for dy in dys) and _stackable(ctx.projs):
+                # q/k/v grads side by side: dX is then one stacked dequant and one GEMM instead of three each
+                # (the copy is [M, N_q + N_k + N_v], small next to that GEMM).
+                dy_stacked = torch.cat(dys, dim=1)
+                dys = [dy_stacked[:, r] for r in _col_slices(ctx.projs)]
             dx, dAs, dBs, dbiases = _group_backward(
                 dys, x2, xa, ctx.projs, As, Bs, biases,
-                need_x=need[1], need_A=need[2::3], need_B=need[3::3], need_bias=need[4::3],
+                need_x=need[1], need_A=need[2::3], need_B=need[3::3], need_bias=need[4::3], dy_stacked=dy_stacked,
             )
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)

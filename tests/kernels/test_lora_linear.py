@@ -303,6 +303,30 @@ def test_cast_cache_follows_the_epoch(saved_llama, backend):
     _assert_close(fresh, ref, torch.bfloat16, "o after the update")
 
 
+def test_module_parts_are_looked_up_once(saved_llama, monkeypatch):
+    """What lora_parts finds on a peft module is reused until the module's LoRA state or tensors change."""
+    model, layer = _peft_llama(saved_llama, True, torch.float32)
+    o_proj = layer.self_attn.o_proj
+    calls = []
+    real = ll.lora_parts
+    monkeypatch.setattr(ll, "lora_parts", lambda m: calls.append(m) or real(m))
+    x = torch.randn(2, 3, 64)
+    first = lora_o(x, o_proj)
+    for _ in range(3):
+        assert torch.equal(lora_o(x, o_proj), first)
+    assert len(calls) == 1
+    o_proj.scaling["default"] *= 2  # what set_scale does: seen, and the output follows
+    doubled = lora_o(x, o_proj)
+    assert len(calls) == 2 and not torch.equal(doubled, first)
+    model.eval()
+    lora_o(x, o_proj)
+    assert len(calls) == 3
+    o_proj.lora_B["default"].weight = torch.nn.Parameter(torch.zeros(64, 8))  # a re-created adapter weight
+    base_only = lora_o(x, o_proj)
+    assert len(calls) == 4
+    _assert_close(base_only, lora_linear_reference(x, *real(o_proj)), torch.float32, "after the new B")
+
+
 def test_unused_outputs_give_zero_grads(saved_llama):
     """Only q feeds the loss: q's LoRA grads match peft, k/v's are zero (not garbage)."""
     model, layer = _peft_llama(saved_llama, True, torch.float32)
