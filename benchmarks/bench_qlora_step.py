@@ -15,7 +15,8 @@ attention, gradient checkpointing. Configurations, each in its own subprocess so
 - `hf_bf16`: a tuned HF+PEFT baseline, for reference: no fp32 upcast (everything bf16),
   `gradient_checkpointing_enable(use_reentrant=False)`. Ratios against it are reported too (`vs hf_bf16`).
 - `ours`: the same model, `sloth_kernels.patch.patch_model(model)` (its checkpointing instead of HF's);
-  `ours_offload`: `patch_model(model, offload=True)` (checkpointed layer inputs on pinned host memory).
+  `ours_offload`: `patch_model(model, offload=True)` (checkpointed layer inputs on pinned host memory). Both run
+  with `PYTORCH_ALLOC_CONF=expandable_segments:True`, as the daemon's trainer does (and as Unsloth sets at import).
 - `liger`: `liger_kernel.transformers.apply_liger_kernel_to_llama()` (RoPE, RMSNorm, SwiGLU, fused linear CE)
   before the model is built, then the HF recipe. Skipped when liger_kernel is not importable.
 - `unsloth`: `unsloth.FastLanguageModel` loading the same random weights (saved once as a bf16 checkpoint by a
@@ -285,9 +286,11 @@ def make_checkpoint(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------------------------------
-def run_subprocess(argv: list[str], log: Path, timeout: float) -> tuple[int, str]:
+def run_subprocess(argv: list[str], log: Path, timeout: float, allocator: str | None = None) -> tuple[int, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", TOKENIZERS_PARALLELISM="false")
+    if allocator and "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
+        env["PYTORCH_ALLOC_CONF"] = allocator
     cmd = [sys.executable, "-m", "benchmarks.bench_qlora_step", *argv]
     root = Path(__file__).resolve().parents[1]
     with open(log, "w") as fh:
@@ -403,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"config": name, "ok": False, "error": f"checkpoint: rc {rc}: {tail[-300:]}"})
                 continue
         result_file = logdir / f"{name}.json"
+        # Our recipe's allocator setting, as the daemon's trainer sets it (Unsloth sets the same at import).
+        allocator = "expandable_segments:True" if name.startswith("ours") else None
         rc, tail = run_subprocess([f"--worker={name}", f"--result={result_file}", *common], logdir / f"{name}.log",
-                                  args.timeout)
+                                  args.timeout, allocator)
         if rc == 0 and result_file.exists():
             results.append(json.loads(result_file.read_text()))
         else:

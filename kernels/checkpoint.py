@@ -51,12 +51,20 @@ _STAT_KEYS = ("offloaded", "bytes", "pinned", "fetched", "prefetched")
 _stats = dict.fromkeys(_STAT_KEYS, 0)
 _local = threading.local()  # the most recently offloaded input, to chain prefetches in backward order
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
-_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("sloth_recomputing", default=False)
+# None outside checkpointed layers; False in a checkpointed layer's forward; True in its re-run.
+_RECOMPUTING: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sloth_recomputing", default=None)
 
 
 def recomputing() -> bool:
     """True inside the backward's re-run of a layer checkpointed by `checkpoint_layer`."""
-    return _RECOMPUTING.get()
+    return bool(_RECOMPUTING.get())
+
+
+def checkpointed() -> bool:
+    """True in either run (forward or re-run) of a layer checkpointed by `checkpoint_layer`: what an op saves for
+    its backward there is handed to that backward by torch's checkpoint from a fresh re-run, once, so the backward
+    may overwrite it in place."""
+    return _RECOMPUTING.get() is not None
 
 
 def _marking_reruns(layer_forward):

@@ -50,6 +50,7 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sloth_kernels._dispatch import use_triton
+from sloth_kernels.checkpoint import checkpointed
 from sloth_kernels.nf4 import (
     check_quant_state,
     dequantize_nf4,
@@ -765,6 +766,9 @@ class _LoraMLPFn(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.save_for_backward(x2, xa, xa_down, *saved_gu)
         ctx.params = params  # see _LoraGroupFn
+        # Inside a checkpointed layer the saved g/u reach the backward from the re-run, once: overwrite them there
+        # instead of cloning ([M, 2 x intermediate], the largest buffer of the layer's backward).
+        ctx.owns_saved_gu = checkpointed()
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -777,12 +781,13 @@ class _LoraMLPFn(torch.autograd.Function):
         cd = x2.dtype
         with torch.autocast(x2.device.type, enabled=False), _CacheEpoch(ctx.cache_epoch):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
-            # g, u are overwritten in place below, so saved ones are cloned (backward may be retained).
+            # g, u are overwritten in place below, so saved ones are cloned (backward may be retained), unless
+            # they came from a checkpoint re-run for this backward alone.
             if len(saved_gu) == 1:
-                gu = saved_gu[0].clone()
+                gu = saved_gu[0] if ctx.owns_saved_gu else saved_gu[0].clone()
                 g, u = gu[:, : gate_up[0].out_features], gu[:, gate_up[0].out_features :]
             elif saved_gu:
-                (g, u), gu = [t.clone() for t in saved_gu], None
+                (g, u), gu = [t if ctx.owns_saved_gu else t.clone() for t in saved_gu], None
             else:
                 (g, u), gu = _group_forward(x2, gate_up, As[:2], Bs[:2], biases[:2], xa)
             # dh = dY @ W_down + s (dY @ B_down) @ A_down; then act backward turns (g, u, dh) into (dg, du, h).

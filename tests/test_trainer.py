@@ -78,3 +78,14 @@ def test_timeout_kills_the_child(tiny_model, tmp_path):
     with pytest.raises(TrainerFailed, match="limit"):
         train(job(tiny_model, out, steps=10_000), tmp_path / "run", timeout=3)
     assert not (out / "adapter_config.json").exists()
+
+
+def test_trainer_env_sets_the_allocator_unless_the_user_did():
+    from sloth_daemon.trainer.process import trainer_env
+
+    env = trainer_env({"PATH": "/bin"})
+    assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["PATH"] == "/bin"
+    for key in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        assert trainer_env({key: "max_split_size_mb:64"}).get("PYTORCH_ALLOC_CONF") in (None, "max_split_size_mb:64")
+        assert trainer_env({key: "max_split_size_mb:64"})[key] == "max_split_size_mb:64"

@@ -21,6 +21,17 @@ from typing import Callable
 from .job import TrainJob, TrainResult
 
 
+
+def trainer_env(environ) -> dict[str, str]:
+    """The trainer child's environment: ours, unbuffered, and the CUDA caching allocator with expandable segments
+    unless the user configured the allocator (the per-call dequantised weights and the checkpoint re-runs allocate
+    and free blocks of many sizes every step; fixed segments fragment and stall on cudaFree, see docs/kernels.md).
+    """
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    if "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
+        env["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+    return env
+
 class TrainerFailed(RuntimeError):
     pass
 
@@ -54,7 +65,7 @@ class TrainerProcess:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "sloth_daemon.trainer", str(job_file),
                 stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=trainer_env(os.environ),
             )
             try:
                 result = await asyncio.wait_for(self._follow(on_progress), timeout_s)

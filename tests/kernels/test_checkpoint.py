@@ -18,6 +18,7 @@ from sloth_kernels.checkpoint import (
     checkpoint_layer,
     disable_checkpointing,
     enable_checkpointing,
+    checkpointed,
     offload_stats,
     recomputing,
     reset_offload_stats,
@@ -121,16 +122,16 @@ def test_recomputing_is_true_only_in_the_rerun(offload, monkeypatch):
     seen = []
 
     def layer(t):
-        seen.append(recomputing())
+        seen.append((recomputing(), checkpointed()))
         return torch.tanh(lin(t))
 
     out = checkpoint_layer(layer, torch.randn(3, 8, requires_grad=True), offload=offload)
-    assert seen == [False] and not recomputing()
+    assert seen == [(False, True)] and not recomputing() and not checkpointed()
     out.sum().backward()
-    assert seen == [False, True] and not recomputing()
+    assert seen == [(False, True), (True, True)] and not recomputing() and not checkpointed()
     with torch.no_grad():  # no checkpointing without grad: a plain call
         checkpoint_layer(layer, torch.randn(3, 8), offload=offload)
-    assert seen == [False, True, False]
+    assert seen[-1] == (False, False)
 
 
 @pytest.mark.parametrize("offload", [False, True])

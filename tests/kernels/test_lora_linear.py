@@ -327,6 +327,40 @@ def test_module_parts_are_looked_up_once(saved_llama, monkeypatch):
     _assert_close(base_only, lora_linear_reference(x, *real(o_proj)), torch.float32, "after the new B")
 
 
+def test_mlp_inside_checkpoint_may_overwrite_its_saved_gate_up(saved_llama, monkeypatch):
+    """In a checkpointed layer lora_mlp's backward overwrites the re-run's g/u instead of cloning them: grads equal
+    the plain ones, also for a second backward through a retained graph (which re-runs the layer again)."""
+    from sloth_kernels.checkpoint import checkpoint_layer
+
+    model, layer = _peft_llama(saved_llama, True, torch.float32)
+    mlp = layer.mlp
+    monkeypatch.setattr(ll, "MLP_RECOMPUTE", False)  # keep g/u, as patch_model does under checkpointing
+    torch.manual_seed(7)
+    x, dy = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    params = _lora_params(mlp)
+
+    def plain(t):
+        return lora_mlp(t, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+    def grads(fn, backwards):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        runs = []
+        for i in range(backwards):
+            for p in params.values():
+                p.grad = None
+            xi.grad = None
+            y.backward(dy, retain_graph=i + 1 < backwards)
+            runs.append((xi.grad.clone(), {n: p.grad.clone() for n, p in params.items()}))
+        return runs
+
+    (ref_dx, ref_grads), = grads(plain, 1)
+    for dx, got in grads(lambda t: checkpoint_layer(plain, t), 2):
+        _assert_close(dx, ref_dx, torch.float32, "dx")
+        for name in ref_grads:
+            _assert_close(got[name], ref_grads[name], torch.float32, name)
+
+
 def test_unused_outputs_give_zero_grads(saved_llama):
     """Only q feeds the loss: q's LoRA grads match peft, k/v's are zero (not garbage)."""
     model, layer = _peft_llama(saved_llama, True, torch.float32)
