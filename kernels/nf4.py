@@ -161,14 +161,10 @@ def _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask, NEST
 
 
 @triton.jit
-def _dequant_nf4_kernel(
-    packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
-    numel, n_cols, stride_on, stride_ok,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    RNE_BF16: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # Each program reads BLOCK packed bytes and writes the 2*BLOCK weights they hold.
-    pid = tl.program_id(0).to(tl.int64)
+def _dequant_nf4_values(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, numel, pid,
+                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                        RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """(fp32 values, flat indices) of program `pid`'s 2*BLOCK weights: it reads BLOCK packed bytes."""
     byte = pid * BLOCK + tl.arange(0, BLOCK)
     first = byte * 2  # flat index of the high-nibble element
     bmask = first < numel
@@ -180,8 +176,20 @@ def _dequant_nf4_kernel(
     if RNE_BF16:
         hi = round_bf16_rne(hi)
         lo = round_bf16_rne(lo)
-    vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
-    flat = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    return tl.interleave(hi, lo), pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+
+
+@triton.jit
+def _dequant_nf4_kernel(
+    packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
+    numel, n_cols, stride_on, stride_ok,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    RNE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    vals, flat = _dequant_nf4_values(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, numel, pid,
+                                     BLOCKSIZE, BLOCKSIZE2, NESTED, RNE_BF16, BLOCK)
+    vals = vals.to(out_ptr.dtype.element_ty)
     mask = flat < numel
     if CONTIGUOUS:
         tl.store(out_ptr + flat, vals, mask=mask)
@@ -193,20 +201,10 @@ def _dequant_nf4_kernel(
 def _dequant_nf4_part(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, numel, pid,
                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                       RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """Program `pid` of one weight inside a stacked launch: BLOCK packed bytes -> 2*BLOCK contiguous outputs."""
-    byte = pid * BLOCK + tl.arange(0, BLOCK)
-    first = byte * 2
-    bmask = first < numel
-    b = tl.load(packed_ptr + byte, mask=bmask, other=0).to(tl.int32)
-    scale = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first // BLOCKSIZE, bmask, NESTED, BLOCKSIZE2)
-    hi = tl.load(code_ptr + (b >> 4)) * scale
-    lo = tl.load(code_ptr + (b & 15)) * scale
-    if RNE_BF16:
-        hi = round_bf16_rne(hi)
-        lo = round_bf16_rne(lo)
-    vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
-    flat = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + flat, vals, mask=flat < numel)
+    """Program `pid` of one weight inside a stacked launch (contiguous output)."""
+    vals, flat = _dequant_nf4_values(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, numel, pid,
+                                     BLOCKSIZE, BLOCKSIZE2, NESTED, RNE_BF16, BLOCK)
+    tl.store(out_ptr + flat, vals.to(out_ptr.dtype.element_ty), mask=flat < numel)
 
 
 @triton.jit
