@@ -19,7 +19,12 @@ Fused groups (one autograd Function each, x saved once), on peft LoRA layers (`l
   `sloth_kernels.swiglu` forward; its backward runs in place here (same activation math) to avoid two more
   [M, intermediate] buffers. `compute_output=False` builds the same autograd node (same saved tensors, same
   gradients) but skips the down projection's GEMM and returns an uninitialised output: for a checkpoint re-run
-  whose output value nothing reads (see `sloth_kernels.checkpoint.recomputing`).
+  whose output value nothing reads (see `sloth_kernels.checkpoint.recomputing`). Inside a checkpointed layer its
+  backward overwrites the saved gate/up outputs instead of cloning them (`sloth_kernels.checkpoint.checkpointed`).
+- All three take `cache_epoch=None | int`: with an int, compute-dtype copies of the LoRA weights (and their stacked
+  and block-diagonal forms) are made once and reused by every call with the same epoch; the caller promises the
+  weights do not change within an epoch (`patch_model` draws a new epoch at every forward of the model). The results
+  on peft modules' `lora_parts` are cached on the module until its LoRA state or tensors change.
 Outputs of a group may be non-contiguous column views of one [M, N_q + N_k + N_v] buffer (their last dimension is
 dense, so `.view(..., heads, head_dim)` works).
 
