@@ -29,6 +29,9 @@ What is swapped in, module by module:
   `CausalLMOutputWithPast` whose `logits` is None. Otherwise (no labels, eval, no grad, `return_dict=False`,
   `logits_to_keep`) it is the original forward. Needs lm_head to be a plain float `nn.Linear`.
 - Checkpointing (`checkpointing=True`): `enable_checkpointing(model, offload)` on the decoder layers.
+- A forward pre-hook on the decoder draws a new LoRA cast-cache epoch at every forward (see
+  `sloth_kernels.lora_linear`, "Host-side caches"): weights changed by an optimizer step are re-cast at the next
+  forward, whatever the optimizer (fused AdamW moves no version counter).
 
 Fallbacks: where a kernel does not apply (a norm whose weight dtype differs from its input in Llama casting, an
 activation without a kernel, a projection that is not a qualifying LoRA layer, LoRA dropout while training, ...) the
