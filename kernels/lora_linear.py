@@ -18,7 +18,7 @@ Fused groups (one autograd Function each, x saved once), on peft LoRA layers (`l
   backward recomputes gate/up outputs from the saved x (switch: `MLP_RECOMPUTE`). The gated activation is
   `sloth_kernels.swiglu` forward; its backward runs in place here (same activation math) to avoid two more
   [M, intermediate] buffers. `compute_output=False` builds the same autograd node (same saved tensors, same
-  gradients) but skips the down projection's GEMM and returns an uninitialised output: for a checkpoint re-run
+  gradients) but skips the down projection's GEMM and returns zeros: for a checkpoint re-run
   whose output value nothing reads (see `sloth_kernels.checkpoint.recomputing`). Inside a checkpointed layer its
   backward overwrites the saved gate/up outputs instead of cloning them (`sloth_kernels.checkpoint.checkpointed`).
 - All three take `cache_epoch=None | int`: with an int, compute-dtype copies of the LoRA weights (and their stacked
@@ -33,7 +33,8 @@ the bnb Linear4bit's `compute_dtype`, i.e. bnb_4bit_compute_dtype); else x.dtype
 dequantised directly to it, A and B are cast to it; outputs are in the compute dtype (bnb would cast its output back
 to x.dtype, e.g. fp32 after peft's prepare_model_for_kbit_training upcasts norms; we keep the cheaper compute
 dtype); grads are returned in each input's own dtype. peft computes the LoRA branch in the adapter's dtype (often
-fp32) instead, so in bf16 the results agree to bf16 rounding, not bit for bit.
+fp32) instead, so in bf16 the results agree to bf16 rounding, not bit for bit. (A stacked group's LoRA
+up-projection multiplies by s_i * B_i rounded once to the compute dtype: exact for power-of-two scalings.)
 
 `MATMUL_BACKEND` (module switch, env `SLOTH_NF4_MATMUL`) picks how NF4 weights meet the matmul:
 - "dequant": one Triton launch dequantises W into a temporary in the compute dtype, cuBLAS does the GEMM, the
@@ -468,7 +469,9 @@ def _cached_parts(module):
     """(lora_parts(module), its _Proj), reused while the module's LoRA state and tensors are the ones seen last.
 
     The key holds everything lora_parts reads that can change between calls (train/eval, active adapter, merged,
-    disabled, scaling) and the identity of the tensors it returned; anything else means a new call.
+    disabled, scaling), the identity of the tensors it returned, the base weight's storage (`.to()` and `.data =`
+    keep the Parameter but swap its storage, which the cached _Proj views) and that it is still frozen; anything else
+    means a new call.
     """
     d = module.__dict__
     active = d.get("_active_adapter")  # peft keeps a str or a list of names
@@ -476,14 +479,18 @@ def _cached_parts(module):
     key = (d.get("training"), active, len(d.get("merged_adapters") or ()), d.get("_disable_adapters"))
     hit = d.get("_sloth_lora_parts")
     if hit is not None and hit[0] == key and len(active) == 1:
-        parts, proj = hit[1], hit[2]
+        parts, proj, storage = hit[1], hit[2], hit[3]
         adapter = active[0]
         try:
+            base_weight = module.get_base_layer().weight
             same = (
                 module.scaling[adapter] == parts[4]
                 and module.lora_A[adapter].weight is parts[2]
                 and module.lora_B[adapter].weight is parts[3]
-                and module.get_base_layer().weight is parts[0]
+                and base_weight is parts[0]
+                and base_weight.data_ptr() == storage
+                and (parts[1] is None or getattr(base_weight, "quant_state", None) is parts[1])
+                and not base_weight.requires_grad
             )
         except (KeyError, TypeError, AttributeError):
             same = False
@@ -491,7 +498,7 @@ def _cached_parts(module):
             return parts, proj
     parts = lora_parts(module)
     proj = _Proj(parts[0], parts[1], parts[4])
-    d["_sloth_lora_parts"] = (key, parts, proj)
+    d["_sloth_lora_parts"] = (key, parts, proj, parts[0].data_ptr())
     return parts, proj
 
 
@@ -689,6 +696,17 @@ def _prepare(x, parts):
     return _check_inputs(x, [_Proj(w, qs, s) for (w, qs, _, _, s, _) in parts])
 
 
+def _versions(params):
+    return tuple(None if p is None else p._version for p in params)
+
+
+def _unchanged(params, versions):
+    """params, after the check autograd makes for saved tensors (they are kept on ctx, see _LoraGroupFn)."""
+    if _versions(params) != versions:
+        raise RuntimeError("a LoRA weight or bias was modified in place between this op's forward and its backward")
+    return params
+
+
 class _LoraGroupFn(torch.autograd.Function):
     """Projections sharing one input x: y_i = x @ W_i^T + s_i (x @ A_i^T) @ B_i^T (+ b_i). Saves x and x @ A^T."""
 
@@ -708,14 +726,14 @@ class _LoraGroupFn(torch.autograd.Function):
         # The LoRA weights go on ctx, not through save_for_backward: they live anyway, and under torch's
         # checkpointing every saved tensor costs a Python pack hook in both runs and an unpack in the backward.
         ctx.save_for_backward(x2, xa)
-        ctx.params = params
+        ctx.params, ctx.versions = params, _versions(params)
         lead = x.shape[:-1]
         return tuple(y.view(*lead, y.shape[-1]) for y in outs)
 
     @staticmethod
     def backward(ctx, *grads):
         x2, xa = ctx.saved_tensors
-        params = ctx.params
+        params = _unchanged(ctx.params, ctx.versions)
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         cd = x2.dtype
         with torch.autocast(x2.device.type, enabled=False), _CacheEpoch(ctx.cache_epoch):
@@ -764,13 +782,14 @@ class _LoraMLPFn(torch.autograd.Function):
             xa_down = torch.matmul(h, _as_compute(As[2], cd).t())
             if plan.compute_output:
                 (y,), _ = _group_forward(h, [down], As[2:], Bs[2:], biases[2:], xa_down)
-            else:  # a re-run whose output nobody reads: the backward needs only what is saved below
-                y = torch.empty(x2.shape[0], down.out_features, dtype=cd, device=x2.device)
+            else:  # a re-run whose output nobody reads: the backward needs only what is saved below (zeros, not
+                # uninitialised memory: forward hooks, e.g. overflow detectors, may still look at it)
+                y = torch.zeros(x2.shape[0], down.out_features, dtype=cd, device=x2.device)
             del h
         ctx.projs, ctx.activation, ctx.cache_epoch = projs, activation, plan.cache_epoch
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.save_for_backward(x2, xa, xa_down, *saved_gu)
-        ctx.params = params  # see _LoraGroupFn
+        ctx.params, ctx.versions = params, _versions(params)  # see _LoraGroupFn
         # Inside a checkpointed layer the saved g/u reach the backward from the re-run, once: overwrite them there
         # instead of cloning ([M, 2 x intermediate], the largest buffer of the layer's backward).
         ctx.owns_saved_gu = checkpointed()
@@ -779,7 +798,7 @@ class _LoraMLPFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, xa, xa_down, *saved_gu = ctx.saved_tensors
-        params = ctx.params
+        params = _unchanged(ctx.params, ctx.versions)
         As, Bs, biases = params[0::3], params[1::3], params[2::3]
         gate_up, down = ctx.projs[:2], ctx.projs[2]
         need = ctx.needs_input_grad  # (plan, x, A0, B0, b0, A1, B1, b1, A2, B2, b2)
@@ -852,7 +871,7 @@ def lora_o(x, o_proj, *, cache_epoch=None):
 def lora_mlp(x, gate_proj, up_proj, down_proj, activation="silu", *, compute_output=True, cache_epoch=None):
     """down_proj(act(gate_proj(x)) * up_proj(x)) for peft LoRA layers; activation "silu" (SwiGLU) or "gelu_tanh".
 
-    compute_output=False: same autograd node and gradients, output left uninitialised (Triton path only; the
+    compute_output=False: same autograd node and gradients, zeros as the output (Triton path only; the
     reference path always computes it).
     """
     _check_activation(activation)

@@ -176,9 +176,17 @@ def _grads_of_block(layer, x, fast, weights):
     return outs, xi.grad, {n: p.grad.clone() for n, p in params.items()}
 
 
-@pytest.mark.parametrize("quantized", [True, False])
-def test_fused_groups_match_peft_modules_fp32(saved_llama, quantized, backend):
-    model, layer = _peft_llama(saved_llama, quantized, torch.float32)
+# Per-projection ranks and alphas: the stacked groups' block-diagonal up-projection must keep each one's own.
+PATTERNS = dict(rank_pattern={"k_proj": 4, "up_proj": 4}, alpha_pattern={"v_proj": 5, "gate_proj": 3, "q_proj": 24})
+
+
+@pytest.mark.parametrize("quantized,patterns", [(True, False), (False, False), (True, True)])
+def test_fused_groups_match_peft_modules_fp32(saved_llama, quantized, patterns, backend):
+    model, layer = _peft_llama(saved_llama, quantized, torch.float32, **(PATTERNS if patterns else {}))
+    if patterns:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert len({attn.q_proj.scaling["default"], attn.k_proj.scaling["default"], attn.v_proj.scaling["default"]}) == 3
+        assert mlp.gate_proj.scaling["default"] != mlp.up_proj.scaling["default"]
     torch.manual_seed(2)
     x = torch.randn(5, 2, 64).transpose(0, 1)  # [2, 5, 64], non-contiguous
     weights = [torch.randn(2, 5, n) for n in (64, 32, 32, 64, 64)]
@@ -254,8 +262,11 @@ def test_mlp_recompute_switch_and_gelu(saved_llama, activation, backend, monkeyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mlp_without_output_gives_the_same_grads(saved_llama, dtype, backend):
-    """compute_output=False (a checkpoint re-run) builds the same node: dx and every LoRA grad bit for bit."""
+@pytest.mark.parametrize("recompute", [True, False])
+def test_mlp_without_output_gives_the_same_grads(saved_llama, dtype, recompute, backend, monkeypatch):
+    """compute_output=False (a checkpoint re-run) builds the same node: dx and every LoRA grad bit for bit, whether
+    the backward recomputes gate/up or keeps them (patch_model's setting under checkpointing)."""
+    monkeypatch.setattr(ll, "MLP_RECOMPUTE", recompute)
     model, layer = _peft_llama(saved_llama, True, dtype)
     mlp = layer.mlp
     torch.manual_seed(6)
@@ -303,6 +314,33 @@ def test_cast_cache_follows_the_epoch(saved_llama, backend):
     _assert_close(fresh, ref, torch.bfloat16, "o after the update")
 
 
+def test_stacked_and_block_caches_follow_the_epoch(saved_llama, backend):
+    """q/k/v and gate/up use cached stacked A and block-diagonal B: a new epoch sees every changed A and B."""
+    model, layer = _peft_llama(saved_llama, True, torch.bfloat16)
+    attn, mlp = layer.self_attn, layer.mlp
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+
+    def run(epoch):
+        with torch.no_grad():
+            q, k, v = lora_qkv(x, attn.q_proj, attn.k_proj, attn.v_proj, cache_epoch=epoch)
+            y = lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, cache_epoch=epoch)
+        return [t.float() for t in (q, k, v, y)]
+
+    before = run(epoch=10)
+    for proj in (attn.k_proj, mlp.up_proj):  # one A and one B inside each stacked group
+        proj.lora_A["default"].weight.data.mul_(-1)
+        proj.lora_B["default"].weight.data.add_(0.25)
+    stale, fresh = run(epoch=10), run(epoch=11)
+    for name, b_, s_, f_ in zip("qkvy", before, stale, fresh):
+        assert torch.equal(s_, b_), name
+    assert torch.equal(fresh[0], before[0])  # q's own weights did not change
+    assert not torch.equal(fresh[1], before[1]) and not torch.equal(fresh[3], before[3])
+    refs = [lora_linear_reference(x, *lora_parts(m)) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    refs.append(lora_mlp_reference(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    for name, got, ref in zip("qkvy", fresh, refs):
+        _assert_close(got, ref.float(), torch.bfloat16, name)
+
+
 def test_module_parts_are_looked_up_once(saved_llama, monkeypatch):
     """What lora_parts finds on a peft module is reused until the module's LoRA state or tensors change."""
     model, layer = _peft_llama(saved_llama, True, torch.float32)
@@ -325,6 +363,33 @@ def test_module_parts_are_looked_up_once(saved_llama, monkeypatch):
     base_only = lora_o(x, o_proj)
     assert len(calls) == 4
     _assert_close(base_only, lora_linear_reference(x, *real(o_proj)), torch.float32, "after the new B")
+
+
+def test_module_parts_follow_the_base_weight_storage(saved_llama):
+    """`.to()` and `.data =` keep the Parameter but swap its storage; unfreezing it makes the op not apply."""
+    model, layer = _peft_llama(saved_llama, False, torch.float32)
+    o_proj = layer.self_attn.o_proj
+    x = torch.randn(2, 3, 64)
+    first = lora_o(x, o_proj)
+    base = o_proj.get_base_layer().weight
+    base.data = base.data * 2
+    doubled = lora_o(x, o_proj)
+    assert not torch.equal(doubled, first)
+    _assert_close(doubled, lora_linear_reference(x, *lora_parts(o_proj)), torch.float32, "after the new storage")
+    base.requires_grad_(True)
+    with pytest.raises(LoraNotApplicable, match="requires grad"):
+        lora_o(x, o_proj)
+
+
+def test_lora_weight_changed_between_forward_and_backward_is_an_error(saved_llama):
+    """LoRA weights ride on ctx, not save_for_backward: the op makes autograd's version check itself."""
+    model, layer = _peft_llama(saved_llama, True, torch.float32)
+    o_proj = layer.self_attn.o_proj
+    y = lora_o(torch.randn(2, 3, 64, requires_grad=True), o_proj)
+    with torch.no_grad():
+        o_proj.lora_A["default"].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()
 
 
 def test_mlp_inside_checkpoint_may_overwrite_its_saved_gate_up(saved_llama, monkeypatch):
@@ -354,8 +419,8 @@ def test_mlp_inside_checkpoint_may_overwrite_its_saved_gate_up(saved_llama, monk
             runs.append((xi.grad.clone(), {n: p.grad.clone() for n, p in params.items()}))
         return runs
 
-    (ref_dx, ref_grads), = grads(plain, 1)
-    for dx, got in grads(lambda t: checkpoint_layer(plain, t), 2):
+    (ref_dx, ref_grads), *again = grads(plain, 2)  # outside a checkpoint the backward clones: retainable
+    for dx, got in again + grads(lambda t: checkpoint_layer(plain, t), 2):
         _assert_close(dx, ref_dx, torch.float32, "dx")
         for name in ref_grads:
             _assert_close(got[name], ref_grads[name], torch.float32, name)
