@@ -44,6 +44,11 @@ class TrainConfig(_Section):
     kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="patch the model with sloth_kernels; auto = on CUDA only"
     )
+    offload_activations: bool = Field(
+        True,
+        description="with the kernels on CUDA: checkpointed layer inputs wait in pinned host memory between forward "
+        "and backward (less GPU memory; as fast or faster on the H200, see docs/kernels.md)",
+    )
     seed: int = 0
     timeout_s: float = Field(3600, gt=0, description="an update running longer is killed and recorded as failed")
 

@@ -135,6 +135,7 @@ class Updater:
             max_seq_len=tc.max_seq_len,
             quantize=("nf4" if device == "cuda" else "none") if tc.quantize == "auto" else tc.quantize,
             kernels=(device == "cuda") if tc.kernels == "auto" else tc.kernels == "on",
+            offload=tc.offload_activations,
             device=device,
             seed=seed,
         )

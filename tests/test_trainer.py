@@ -61,6 +61,20 @@ def test_nf4_base_trains_on_cpu(tiny_model, tmp_path):
     assert (out / "adapter_model.safetensors").exists()
 
 
+def test_kernels_with_offload_train(tiny_model, tmp_path, monkeypatch):
+    """The recipe with sloth_kernels patched in and checkpoint offload on (on CPU: the ops' PyTorch references and
+    plain recompute, so this checks the plumbing; the kernels themselves are tested in tests/kernels)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the child inherits it: references instead of the interpreter
+    out = tmp_path / "k"
+    out.mkdir()
+    j = job(tiny_model, out, steps=8)
+    j.kernels, j.offload = True, True
+    r, events = train(j, tmp_path / "run")
+    assert r.kernels.startswith("sloth_kernels on llama") and "checkpoint=" in r.kernels, r.kernels
+    assert r.eval["new"].candidate < r.eval["new"].parent
+    assert (out / "adapter_model.safetensors").exists()
+
+
 def test_crash_is_reported_and_writes_no_adapter(tiny_model, tmp_path):
     out = tmp_path / "bad"
     out.mkdir()

@@ -37,6 +37,7 @@ class TrainJob(BaseModel):
     max_seq_len: int = 512
     quantize: Literal["nf4", "none"] = "none"
     kernels: bool = False
+    offload: bool = False                  # with kernels: checkpointed layer inputs on pinned host memory
     device: str = "cpu"
     seed: int = 0
 

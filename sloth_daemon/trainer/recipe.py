@@ -65,7 +65,7 @@ def maybe_patch(model: Any, job: TrainJob, emit: Emit) -> str:
         return "off"
     from sloth_kernels.patch import patch_model
 
-    report = patch_model(model, force=True)
+    report = patch_model(model, force=True, offload=job.offload)
     emit({"event": "log", "message": f"kernels: {report}"})
     return str(report)
 
