@@ -390,7 +390,7 @@ def _gated_act_backward_(g, u, dh, activation):
 # them.) Without an epoch nothing is cached. The epoch of the running autograd Function is thread-local, since the
 # backward runs on autograd's device threads.
 _epoch = threading.local()
-_casts = WeakIdKeyDictionary()  # tensor -> ((epoch, version, data_ptr, dtype), copy)
+_casts = WeakIdKeyDictionary()  # tensor -> ((epoch, versions, data_ptrs, dtype), (), copy)
 _stacks = WeakIdKeyDictionary()  # first tensor -> ((epoch, versions, data_ptrs, dtype), the others, stacked copy)
 _blocks = WeakIdKeyDictionary()  # first B -> (stamp, the other Bs, scaled block-diagonal B^T)
 
@@ -415,16 +415,7 @@ def _as_compute(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in `dtype` (read-only): t itself, or a copy, reused within one cache epoch."""
     if t.dtype == dtype:
         return t
-    epoch = getattr(_epoch, "value", None)
-    if epoch is None:
-        return t.detach().to(dtype)
-    stamp = (epoch, t._version, t.data_ptr(), dtype)
-    hit = _casts.get(t)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    copy = t.detach().to(dtype)
-    _casts[t] = (stamp, copy)
-    return copy
+    return _epoch_cached(_casts, (t,), dtype, lambda: t.detach().to(dtype))
 
 
 def _epoch_cached(store, ts, key, build):
@@ -574,20 +565,21 @@ def _mm(a, proj, trans, lora=None, bias=None, out=None):
     return out
 
 
-def _col_slices(projs):
+def _slices(sizes):
+    """Consecutive slices of the given sizes: a stacked buffer's blocks."""
     slices, start = [], 0
-    for p in projs:
-        slices.append(slice(start, start + p.out_features))
-        start += p.out_features
+    for n in sizes:
+        slices.append(slice(start, start + n))
+        start += n
     return slices
+
+
+def _col_slices(projs):
+    return _slices(p.out_features for p in projs)
 
 
 def _rank_slices(As):
-    slices, start = [], 0
-    for A in As:
-        slices.append(slice(start, start + A.shape[0]))
-        start += A.shape[0]
-    return slices
+    return _slices(A.shape[0] for A in As)
 
 
 def _group_forward(x2, projs, As, Bs, biases, xa):

@@ -21,8 +21,8 @@ What is swapped in, module by module:
 - MLP: `lora_mlp` (gate, up, down and the gated activation in one autograd node) when gate/up/down qualify (with
   our checkpointing on, it keeps gate/up for its backward instead of recomputing them: the layer re-run already
   recomputed them; `SLOTH_MLP_RECOMPUTE` in the environment overrides; and in that re-run, where the family adds
-  the MLP output straight to the residual, it skips the down projection, whose output nothing reads); otherwise the original projections with
-  the `swiglu` (silu) / `geglu` (gelu tanh or erf) kernel between them. Phi-3's gate_up_proj / down_proj: each through `lora_o` when it qualifies, `swiglu` on the two halves.
+  the MLP output straight to the residual, it skips the down projection, whose output nothing reads); otherwise
+  the original projections with the `swiglu` (silu) / `geglu` (gelu tanh or erf) kernel between them. Phi-3's gate_up_proj / down_proj: each through `lora_o` when it qualifies, `swiglu` on the two halves.
 - Loss: the CausalLM's forward. When labels are given and the model trains with grad enabled it runs the decoder
   and `fused_linear_cross_entropy` on the last hidden state (causal shift as HF's `ForCausalLMLoss`, mean over
   non-ignored tokens, or sum / `num_items_in_batch` when given, Gemma's final logit soft-capping) and returns a
