@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from . import testhooks
+from .durable import atomic_write_text, fsync_dir, fsync_tree
 
 META_FILE = "sloth_adapter.json"
 _VERSION_RE = re.compile(r"^v(\d{6})$")
@@ -45,36 +46,6 @@ class AdapterInfo(BaseModel):
 
 class AdapterNotFound(LookupError):
     pass
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file below `path`, then each folder, so a later rename publishes durable content."""
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def version_name(n: int) -> str:
@@ -119,7 +90,7 @@ class AdapterRegistry:
         fsync_tree(staging)
         testhooks.hold("adapter-commit")  # crash tests stop here: written, not yet published
         os.rename(staging, self.root / version)  # atomic publish; fails loudly if the name exists
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return info
 
     # -- lookup ---------------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from .durable import fsync_dir
+
 DEFAULT_MODEL_NAME = "sloth-tiny"
 
 BOS, END, PAD = "<|bos|>", "<|end|>", "<|pad|>"
@@ -395,15 +397,7 @@ def _publish_tree(folder: Path) -> None:
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
     folder.chmod(0o755)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def build_default_model(
@@ -459,7 +453,7 @@ def build_default_model(
             replaced = dest.with_name(f"{temp.name}-replaced")
             os.rename(dest, replaced)
         os.rename(temp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
