@@ -168,8 +168,24 @@ class _Base(_Ops):
         return sock
 
 
+class _StreamState:
+    """What the blocking and async streams share: reading one message of a generation."""
+
+    final: Completion | None
+    _done: bool
+
+    def _take(self, msg: dict) -> str | None:
+        """A chunk's text; None when `msg` ends the stream (final: `final` is set; error: raised)."""
+        if msg["type"] == "chunk":
+            return msg["text"]
+        self._done = True
+        _raise_for(msg)
+        self.final = Completion.from_final(msg)
+        return None
+
+
 # ------------------------------------------------------------------------------------------------- blocking client
-class Stream:
+class Stream(_StreamState):
     """Text chunks of one generation; `final` (a Completion) is set once the daemon's final message arrived."""
 
     def __init__(self, client: "SlothClient", rid: str, timeout: float):
@@ -180,13 +196,9 @@ class Stream:
     def __iter__(self) -> Iterator[str]:
         try:
             while not self._done:
-                msg = self._client._recv(self._rid, time.monotonic() + self._timeout)
-                if msg["type"] == "chunk":
-                    yield msg["text"]
-                    continue
-                self._done = True
-                _raise_for(msg)
-                self.final = Completion.from_final(msg)
+                text = self._take(self._client._recv(self._rid, time.monotonic() + self._timeout))
+                if text is not None:
+                    yield text
         finally:
             self.close()
 
@@ -313,7 +325,7 @@ class SlothClient(_Base):
 
 
 # ---------------------------------------------------------------------------------------------------- async client
-class AsyncStream:
+class AsyncStream(_StreamState):
     """Async text chunks of one generation; `final` is set once it ended."""
 
     def __init__(self, client: "AsyncSlothClient", rid: str, queue: asyncio.Queue, timeout: float):
@@ -324,13 +336,9 @@ class AsyncStream:
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
             while not self._done:
-                msg = await self._client._next(self._rid, self._queue, self._timeout)
-                if msg["type"] == "chunk":
-                    yield msg["text"]
-                    continue
-                self._done = True
-                _raise_for(msg)
-                self.final = Completion.from_final(msg)
+                text = self._take(await self._client._next(self._rid, self._queue, self._timeout))
+                if text is not None:
+                    yield text
         finally:
             await self.aclose()
 
