@@ -47,7 +47,7 @@ class TrainConfig(_Section):
     offload_activations: bool = Field(
         True,
         description="with the kernels on CUDA: checkpointed layer inputs wait in pinned host memory between forward "
-        "and backward (less GPU memory; as fast or faster on the H200, see docs/kernels.md)",
+        "and backward (Llama-3.1-8B QLoRA on the H200: 0.8 GB less peak memory for ~7% of the speed; docs/kernels.md)",
     )
     seed: int = 0
     timeout_s: float = Field(3600, gt=0, description="an update running longer is killed and recorded as failed")

@@ -103,3 +103,24 @@ def test_trainer_env_sets_the_allocator_unless_the_user_did():
     for key in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         assert trainer_env({key: "max_split_size_mb:64"}).get("PYTORCH_ALLOC_CONF") in (None, "max_split_size_mb:64")
         assert trainer_env({key: "max_split_size_mb:64"})[key] == "max_split_size_mb:64"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the daemon's GPU recipe needs CUDA (run on the GPU machine)")
+def test_gpu_recipe_with_kernels_matches_without(tiny_model, tmp_path):
+    """What the updater runs on CUDA by default (NF4 base, bf16, sloth_kernels patched in, checkpoint offload),
+    through the real trainer child: it learns, and it scores the same model the same as the recipe without kernels."""
+    results = {}
+    for kernels in (True, False):
+        out = tmp_path / f"k{kernels}"
+        out.mkdir()
+        j = job(tiny_model, out, steps=40, quantize="nf4")
+        j.device, j.kernels, j.offload = "cuda", kernels, kernels
+        results[kernels], _ = train(j, tmp_path / f"run{kernels}")
+    patched, plain = results[True], results[False]
+    assert patched.kernels.startswith("sloth_kernels on llama") and "checkpoint=" in patched.kernels, patched.kernels
+    assert patched.quantized and patched.device.startswith("cuda")
+    # Before any update both score the same NF4 model: the kernels' forward matches within bf16 rounding.
+    assert patched.eval["new"].parent == pytest.approx(plain.eval["new"].parent, rel=1e-2)
+    assert patched.first_loss == pytest.approx(plain.first_loss, rel=1e-2)
+    for r in (patched, plain):
+        assert r.eval["new"].candidate < 0.7 * r.eval["new"].parent

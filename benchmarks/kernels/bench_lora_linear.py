@@ -8,7 +8,9 @@ base weights NF4 with double quantisation, bnb compute dtype bf16. Projections: 
 - "triton-fused": `lora_linear` with MATMUL_BACKEND="fused" (NF4 decoded inside a Triton GEMM)
 - "peft": `peft.tuners.lora.bnb.Linear4bit` forward (+ backward), the HF+PEFT QLoRA recipe
 - "torch", "torch.compile": `lora_linear_reference`
-Also one row per backend for the whole `lora_mlp` (gate/up/down, SwiGLU) vs peft modules + torch SiLU.
+Also one row per backend for the whole `lora_qkv` (q 4096->4096, k and v 4096->1024: one dequant launch, one
+stacked GEMM) vs the three peft modules, and for the whole `lora_mlp` (gate/up/down, SwiGLU) vs peft modules + torch
+SiLU.
 `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb}: median of `triton.testing.do_bench`; peak CUDA memory
 of one call above what was live before it. Importing this module needs no GPU.
 """
@@ -18,7 +20,7 @@ import torch
 from benchmarks.kernels.timing import measure as _measure
 
 import sloth_kernels.lora_linear as ll
-from sloth_kernels.lora_linear import lora_linear, lora_linear_reference, lora_mlp
+from sloth_kernels.lora_linear import lora_linear, lora_linear_reference, lora_mlp, lora_qkv
 
 BATCH, SEQ, RANK, ALPHA = 2, 2048, 16, 32
 PROJECTIONS = {"q_proj": (4096, 4096), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
@@ -101,6 +103,20 @@ def run() -> list[dict]:
         }
         _bench(rows, f"lora_linear[{in_f}->{out_f}]", impls, x, [A, B])
         del x
+
+    qkv = _peft_layers({"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024)})
+    params = [p for m in qkv.values() for p in m.parameters() if p.requires_grad]
+    x = torch.randn(BATCH, SEQ, 4096, device="cuda", dtype=DTYPE, requires_grad=True)
+
+    def joined(outs):  # one tensor to call backward on; the same copy for both impls
+        return torch.cat([o.flatten() for o in outs])
+
+    impls = {
+        "triton-dequant": (lambda: joined(lora_qkv(x, *qkv.values())), "dequant"),
+        "peft": (lambda: joined([m(x) for m in qkv.values()]), None),
+    }
+    _bench(rows, "lora_qkv[4096->4096+1024+1024]", impls, x, params)
+    del x
 
     mlp = _peft_layers({"gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)})
     params = [p for m in mlp.values() for p in m.parameters() if p.requires_grad]
