@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sloth_kernels.allocator import with_expandable_segments
+
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -286,11 +288,11 @@ def make_checkpoint(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------------------------------
-def run_subprocess(argv: list[str], log: Path, timeout: float, allocator: str | None = None) -> tuple[int, str]:
+def run_subprocess(argv: list[str], log: Path, timeout: float, expandable: bool = False) -> tuple[int, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", TOKENIZERS_PARALLELISM="false")
-    if allocator and "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
-        env["PYTORCH_ALLOC_CONF"] = allocator
+    if expandable:
+        env = with_expandable_segments(env)
     cmd = [sys.executable, "-m", "benchmarks.bench_qlora_step", *argv]
     root = Path(__file__).resolve().parents[1]
     with open(log, "w") as fh:
@@ -407,9 +409,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         result_file = logdir / f"{name}.json"
         # Our recipe's allocator setting, as the daemon's trainer sets it (Unsloth sets the same at import).
-        allocator = "expandable_segments:True" if name.startswith("ours") else None
+        expandable = name.startswith("ours")
         rc, tail = run_subprocess([f"--worker={name}", f"--result={result_file}", *common], logdir / f"{name}.log",
-                                  args.timeout, allocator)
+                                  args.timeout, expandable)
         if rc == 0 and result_file.exists():
             results.append(json.loads(result_file.read_text()))
         else:

@@ -18,19 +18,17 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from sloth_kernels.allocator import with_expandable_segments
+
 from .job import TrainJob, TrainResult
 
 
 
 def trainer_env(environ) -> dict[str, str]:
-    """The trainer child's environment: ours, unbuffered, and the CUDA caching allocator with expandable segments
-    unless the user configured the allocator (the per-call dequantised weights and the checkpoint re-runs allocate
-    and free blocks of many sizes every step; fixed segments fragment and stall on cudaFree, see docs/kernels.md).
-    """
-    env = {**environ, "PYTHONUNBUFFERED": "1"}
-    if "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
-        env["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
-    return env
+    """The trainer child's environment: ours, unbuffered, with the kernels' allocator setting unless the user
+    configured the allocator (`sloth_kernels.allocator`)."""
+    return {**with_expandable_segments(environ), "PYTHONUNBUFFERED": "1"}
+
 
 class TrainerFailed(RuntimeError):
     pass
