@@ -608,12 +608,12 @@ def _group_forward(x2, projs, As, Bs, biases, xa):
 
 def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, need_bias, dy_stacked=None):
     """Grads of a projection group. dys[i] is [M, N_i] or None (output unused); dy_stacked, when given, is one
-    [M, sum N] buffer whose column blocks are the dys (lets a stacked group run dX as one GEMM)."""
+    [M, sum N] buffer whose column blocks are the dys, all live (dX is then one GEMM when the group is stackable)."""
     cd = x2.dtype
     ranks = _rank_slices(As)
     live = [i for i, dy in enumerate(dys) if dy is not None]
     # (dY_i @ B_i) * s_i for all live projections, side by side: [M, sum r].
-    if dy_stacked is not None and len(live) == len(dys) > 1:
+    if dy_stacked is not None:
         dyb = torch.matmul(dy_stacked, _scaled_block_bt(Bs, [p.scaling for p in projs], cd).t())
     else:
         dyb = torch.zeros(x2.shape[0], ranks[-1].stop, dtype=cd, device=x2.device) if len(live) < len(dys) else None
@@ -629,7 +629,7 @@ def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, 
 
     dx = None
     if need_x and live:
-        if dy_stacked is not None and len(live) == len(dys) and _stackable(projs):
+        if dy_stacked is not None and _stackable(projs):
             w = _materialise(projs, cd, x2.device)
             dx = torch.matmul(dy_stacked, w)
             del w

@@ -267,6 +267,13 @@ def resolve_absmax(quant_state) -> torch.Tensor:
     return out
 
 
+def _bytes_per_program(interp: bool) -> int:
+    """Packed bytes each dequantisation program reads (it writes twice as many weights)."""
+    # GPU notes: memory bound (reads 0.5 B, writes 2 B per weight); 1024 bytes -> 2048 outputs per program with 4
+    # warps keeps 16 contiguous bf16 per thread for wide stores. The interpreter pays per program, not per element.
+    return 4096 if interp else 1024
+
+
 def dequantize_nf4(weight_packed, quant_state, out=None, *, dtype=None) -> torch.Tensor:
     """Dequantise an NF4 weight to [out_features, in_features]; see the module docstring for the contract."""
     n, k = check_quant_state(quant_state)
@@ -278,10 +285,8 @@ def dequantize_nf4(weight_packed, quant_state, out=None, *, dtype=None) -> torch
         raise ValueError(f"packed weight holds {b.numel() * 2} nibbles, quant_state.shape needs {numel}")
     res = _out_tensor((n, k), quant_state, out, dtype, b.device)
     absmax, code2, absmax2, offset, bs2 = _nested_args(quant_state)
-    # GPU notes: memory bound (reads 0.5 B, writes 2 B per weight); 1024 bytes -> 2048 outputs per program with 4
-    # warps keeps 16 contiguous bf16 per thread for wide stores.
     interp = interpreting()
-    block = 4096 if interp else 1024  # the interpreter pays per program, not per element
+    block = _bytes_per_program(interp)
     _dequant_nf4_kernel[(triton.cdiv(numel, 2 * block),)](
         b, nf4_code(b.device), absmax, code2, absmax2, offset, res,
         numel, k, res.stride(0), res.stride(1),
@@ -320,7 +325,7 @@ def dequantize_nf4_stacked(weights, out: torch.Tensor) -> torch.Tensor:
             row += n
         return out
     interp = interpreting()
-    block = 4096 if interp else 1024
+    block = _bytes_per_program(interp)
     args, end, row, bs2 = [], 0, 0, 1
     for (packed, qs), (n, k) in zip(weights, shapes):
         b = packed_bytes(packed)

@@ -13,7 +13,8 @@ import uuid
 from pathlib import Path
 
 
-def fsync_dir(path: Path) -> None:
+def _fsync(path) -> None:
+    """fsync a file, or a folder's entries, by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -21,16 +22,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    _fsync(path)
+
+
 def fsync_tree(path: Path) -> None:
     """fsync every file below `path`, then each folder, so a later rename publishes durable content."""
     for dirpath, _dirs, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
