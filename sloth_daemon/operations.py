@@ -8,6 +8,8 @@ Contract:
   `engine_error`, `internal`, ...), `OpError.status` the HTTP status it maps to, `OpError.reason` an optional
   specific code (`model_not_found`, `context_length_exceeded`, `nothing_to_train`, `update_running`,
   `adapter_load_failed`) and `OpError.param` the request field at fault.
+- `Operations(parts)` takes the daemon's assembled parts through the `DaemonParts` protocol below, so the front ends
+  (HTTP, ZeroMQ, CLI, page) depend on this module only, never on `service.py` that assembles them (no import cycle).
 - Generation: `prepare_chat`/`prepare_completion` check the model name and limits *before* any work and return a
   `Turn`; `run(turn, transport=...)` streams `TextDelta`s then one `TurnDone` through `TurnService` (so both front
   ends log to the replay store the same way, with their transport name, and honour `store: false`).
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -30,7 +32,13 @@ from .turns import TurnDone
 from .updater import NothingToTrain
 
 if TYPE_CHECKING:
-    from .service import Daemon
+    from sloth_replay import ReplayStore
+
+    from .adapters import AdapterRegistry
+    from .config import DaemonConfig
+    from .engine.base import Engine
+    from .turns import TurnService
+    from .updater import Updater
 
 # Error categories and the HTTP status each maps to.
 STATUS = {
@@ -92,9 +100,44 @@ def usage(done: TurnDone) -> dict:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
+class DaemonParts(Protocol):
+    """What the operations need from the running daemon (`service.Daemon` provides it)."""
+
+    cfg: "DaemonConfig"
+    store: "ReplayStore"
+    registry: "AdapterRegistry"
+    engine: "Engine"
+    turns: "TurnService"
+    updater: "Updater"
+    model_name: str
+    started_at: int
+    stopping: bool
+
+    def status(self) -> dict: ...
+
+
 class Operations:
-    def __init__(self, daemon: "Daemon"):
+    """The client operations over one daemon's parts; front ends hold one of these and nothing else of the daemon."""
+
+    def __init__(self, daemon: DaemonParts):
         self.daemon = daemon
+
+    @property
+    def cfg(self) -> "DaemonConfig":
+        """The live configuration (a SIGHUP reload changes its fields in place)."""
+        return self.daemon.cfg
+
+    @property
+    def model_name(self) -> str:
+        return self.daemon.model_name
+
+    @property
+    def stopping(self) -> bool:
+        """True once SIGTERM arrived: running requests finish, new ones are refused."""
+        return self.daemon.stopping
+
+    def health(self) -> dict:
+        return {"status": "ok", "adapter": self.daemon.engine.current_adapter}
 
     # -- generation ---------------------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:

@@ -37,6 +37,7 @@ from .api.zmq_protocol import resolve_addresses
 from .config import ConfigError, DaemonConfig
 from .engine.base import AdapterLoadError, Engine
 from .notify import Notifier
+from .operations import Operations
 from .scheduler import UpdateScheduler
 from .turns import TurnService
 from .updater import Updater
@@ -92,6 +93,7 @@ class Daemon:
         self.model_name = ""
         self.zmq: ZmqServer | None = None
         self._background: set[asyncio.Task] = set()
+        self.ops = Operations(self)  # what the front ends see of the daemon
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -131,7 +133,7 @@ class Daemon:
         addresses = resolve_addresses(cfg.zmq, cfg.state_dir)
         if not addresses:
             return
-        server = ZmqServer(self, addresses, max_message_bytes=cfg.zmq_max_message_bytes,
+        server = ZmqServer(self.ops, addresses, max_message_bytes=cfg.zmq_max_message_bytes,
                            max_inflight=cfg.zmq_max_inflight, api_key=cfg.api_key)
         try:
             await server.start()
@@ -271,7 +273,7 @@ def build_app(cfg: DaemonConfig, notifier: Notifier | None = None) -> tuple[Daem
         finally:
             await daemon.stop()
 
-    return daemon, create_app(daemon, lifespan=lifespan)
+    return daemon, create_app(daemon.ops, lifespan=lifespan)
 
 
 class _Server(uvicorn.Server):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,9 +24,6 @@ from ..operations import OpError, Operations, Turn, usage, validation_error
 from ..turns import TurnDone, new_turn_id
 from .errors import APIError
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
-
-if TYPE_CHECKING:
-    from ..service import Daemon
 
 _ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error",
                 "not_found": "not_found_error", "conflict": "conflict_error"}
@@ -42,10 +39,10 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(daemon: "Daemon", lifespan: Any = None) -> FastAPI:
+def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
+    """The FastAPI app over `ops`; `lifespan` starts and stops the daemon around serving."""
     app = FastAPI(title="sloth-daemon", version="0.1.0", lifespan=lifespan)
-    cfg = daemon.cfg
-    ops = Operations(daemon)
+    cfg = ops.cfg
 
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, exc: APIError) -> JSONResponse:
@@ -75,7 +72,7 @@ def create_app(daemon: "Daemon", lifespan: Any = None) -> FastAPI:
     # -- health and models --------------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "adapter": daemon.engine.current_adapter}
+        return ops.health()
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -96,7 +93,7 @@ def create_app(daemon: "Daemon", lifespan: Any = None) -> FastAPI:
                 choice = {"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": None}
-            return {"id": turn_id, "object": obj, "created": created, "model": daemon.model_name,
+            return {"id": turn_id, "object": obj, "created": created, "model": ops.model_name,
                     "choices": [choice], **extra}
 
         if kind == "chat":
@@ -108,7 +105,7 @@ def create_app(daemon: "Daemon", lifespan: Any = None) -> FastAPI:
                 elif isinstance(ev, TurnDone):
                     yield _sse(chunk({} if kind == "chat" else "", ev.finish_reason, sloth=_extra(ev)))
                     if include_usage:
-                        yield _sse({"id": turn_id, "object": obj, "created": created, "model": daemon.model_name,
+                        yield _sse({"id": turn_id, "object": obj, "created": created, "model": ops.model_name,
                                     "choices": [], "usage": usage(ev)})
         except OpError as e:
             yield _sse(api_error(e).body())
@@ -122,7 +119,7 @@ def create_app(daemon: "Daemon", lifespan: Any = None) -> FastAPI:
             return StreamingResponse(_stream(turn, include), media_type="text/event-stream")
         done = await ops.collect(turn, transport="http")
         return {
-            "id": done.id, "object": "chat.completion", "created": int(time.time()), "model": daemon.model_name,
+            "id": done.id, "object": "chat.completion", "created": int(time.time()), "model": ops.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
                          "finish_reason": done.finish_reason, "logprobs": None}],
             "usage": usage(done), "sloth": _extra(done),
@@ -136,7 +133,7 @@ def create_app(daemon: "Daemon", lifespan: Any = None) -> FastAPI:
             return StreamingResponse(_stream(turn, include), media_type="text/event-stream")
         done = await ops.collect(turn, transport="http")
         return {
-            "id": done.id, "object": "text_completion", "created": int(time.time()), "model": daemon.model_name,
+            "id": done.id, "object": "text_completion", "created": int(time.time()), "model": ops.model_name,
             "choices": [{"index": 0, "text": done.text, "finish_reason": done.finish_reason, "logprobs": None}],
             "usage": usage(done), "sloth": _extra(done),
         }

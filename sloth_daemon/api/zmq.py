@@ -1,8 +1,8 @@
 """The ZeroMQ front end: ROUTER sockets on the daemon's event loop serving the same operations as the HTTP API.
 
 Contract (wire format: `api/zmq_protocol.py` and docs/zmq-protocol.md):
-- `ZmqServer(daemon, addresses, ...)`: `start()` binds one ROUTER per address (an IPC socket file gets mode 0600;
-  TCP off loopback is logged as a warning). Once the daemon is stopping (`daemon.stopping`, SIGTERM) new requests
+- `ZmqServer(ops, addresses, ...)`: `start()` binds one ROUTER per address (an IPC socket file gets mode 0600;
+  TCP off loopback is logged as a warning). Once the daemon is stopping (`ops.stopping`, SIGTERM) new requests
   get `unavailable` while running ones go on; `stop()` tells those still running that the daemon is going away,
   cancels them and closes the sockets.
 - Each request runs in its own task through `sloth_daemon.operations`, so semantics, errors and replay-store logging
@@ -30,7 +30,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -42,8 +42,6 @@ from ..turns import TurnDone
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
 from .zmq_protocol import ENVELOPE_KEYS, MAX_IPC_PATH_BYTES, OPS, VERSION, ProtocolError, decode, encode, valid_id
 
-if TYPE_CHECKING:
-    from ..service import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +112,9 @@ def _op_error(rid: Any, e: OpError) -> dict:
 
 
 class ZmqServer:
-    def __init__(self, daemon: "Daemon", addresses: list[str], *, max_message_bytes: int, max_inflight: int,
+    def __init__(self, ops: Operations, addresses: list[str], *, max_message_bytes: int, max_inflight: int,
                  api_key: str | None = None):
-        self.daemon = daemon
-        self.ops = Operations(daemon)
+        self.ops = ops
         self.addresses = addresses
         self.max_message_bytes = max_message_bytes
         self.max_inflight = max_inflight
@@ -284,7 +281,7 @@ class ZmqServer:
             self._reply_now(ep, envelope, encoding, _error(rid, "unauthorized",
                                                            "missing or wrong API key (send it as 'key')"))
             return
-        if getattr(self.daemon, "stopping", False):  # SIGTERM: what runs may finish, nothing new starts
+        if self.ops.stopping:  # SIGTERM: what runs may finish, nothing new starts
             self._reply_now(ep, envelope, encoding, _error(rid, "unavailable", "the daemon is shutting down"))
             return
         requests = self._clients.setdefault((ep.index, identity), {})
@@ -372,7 +369,7 @@ class ZmqServer:
         raise OpError("internal", f"op {op!r} has no handler")
 
     async def _generate(self, req: _Request, op: str, fields: dict) -> None:
-        fields.setdefault("model", self.daemon.model_name)
+        fields.setdefault("model", self.ops.model_name)
         if op == "chat":
             body: ChatCompletionRequest | CompletionRequest = parse(ChatCompletionRequest, fields)
             turn = self.ops.prepare_chat(body)
@@ -391,7 +388,7 @@ class ZmqServer:
                     await self._send(req, {
                         "v": VERSION, "id": req.id, "type": "final", "interaction_id": ev.id, "text": ev.text,
                         "finish_reason": ev.finish_reason, "usage": usage(ev), "adapter_version": ev.adapter_version,
-                        "logged": ev.logged, "model": self.daemon.model_name})
+                        "logged": ev.logged, "model": self.ops.model_name})
                     return
 
     # -- sending --------------------------------------------------------------------------------------------------
