@@ -9,7 +9,8 @@
     sloth-daemon chat [--zmq ADDR]            # interactive chat over ZeroMQ with /up /down /fix /teach /status
 
 Client commands talk to the running daemon over HTTP at `--url` (default: http://<host>:<port> from the config);
-`chat` over ZeroMQ at `--zmq` (default: the config's `zmq` address).
+`chat` over ZeroMQ at `--zmq` (default: the address the daemon at `--url` reports binding, so it finds the daemon
+exactly as `status` does, from any directory).
 Exit codes: 0 success, 1 the daemon refused or failed the request (message printed), 2 bad usage or configuration,
 3 the daemon is not reachable.
 """
@@ -169,16 +170,23 @@ def cmd_adapters(args: argparse.Namespace) -> None:
     console.print(t)
 
 
+def _zmq_address(cfg: DaemonConfig, args: argparse.Namespace) -> str:
+    """The daemon's ZeroMQ address: `--zmq`, else what the running daemon says it binds (found over HTTP the way
+    `status` finds it, so the current directory does not matter), else the config's."""
+    if args.zmq:
+        return args.zmq.split(",")[0].strip()
+    addresses = Client(cfg, args.url).call("GET", "/sloth/status").get("zmq") or []
+    if not addresses:
+        _die(EXIT_USAGE, "the daemon serves no ZeroMQ (zmq = 'off' in its configuration); pass --zmq ADDRESS")
+    return next((a for a in addresses if a.startswith("ipc://")), addresses[0])
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .api.zmq_protocol import resolve_addresses
     from .chat import run_chat
     from .client import SlothClient
 
     cfg = _config(args)
-    addresses = resolve_addresses(cfg.zmq, cfg.state_dir)
-    if not addresses:
-        _die(EXIT_USAGE, "ZeroMQ is off in the configuration (zmq = 'off'); pass --zmq ADDRESS")
-    with SlothClient(addresses[0], timeout=args.timeout, api_key=cfg.api_key) as client:
+    with SlothClient(_zmq_address(cfg, args), timeout=args.timeout, api_key=cfg.api_key) as client:
         code = run_chat(client, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
                         connect_timeout=min(args.timeout, 10))
     sys.exit(code)
@@ -250,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_adapters)
 
     s = sub.add_parser("chat", help="interactive chat over ZeroMQ, with /up /down /fix /teach (see /help)")
-    s.add_argument("--zmq", help="daemon ZeroMQ address (default from the config: ipc://<state-dir>/api.sock)")
-    s.add_argument("--state-dir")
+    client_args(s)
+    s.add_argument("--zmq", help="daemon ZeroMQ address (default: the one the daemon at --url reports)")
     s.add_argument("--system", help="a system message for the conversation")
     s.add_argument("--max-tokens", type=int)
     s.add_argument("--temperature", type=float)

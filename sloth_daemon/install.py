@@ -3,7 +3,7 @@
 Contract:
 - `plan(user=, prefix=, start=)` returns the ordered `Action`s; `--dry-run` prints them and changes nothing,
   otherwise `carry_out` runs them in order and stops at the first failure.
-- Files, from this checkout's `systemd/` folder: the unit at `<prefix>/etc/systemd/system/sloth-daemon.service`
+- Files, from the package's `sloth_daemon/systemd/` folder (package data, so a built wheel has them too): the unit at `<prefix>/etc/systemd/system/sloth-daemon.service`
   (always rewritten, so an upgrade gets the new unit; ExecStart is this installation's `sloth-daemon`, User= and
   Group= the service user), `<prefix>/etc/sloth-daemon/config.toml` and `<prefix>/etc/sloth-daemon/sloth-daemon.env`
   from the examples, written only when absent (an upgrade keeps your settings). Both may hold the API key: mode
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 UNIT_NAME = "sloth-daemon.service"
-TEMPLATES = Path(__file__).resolve().parent.parent / "systemd"  # the checkout's systemd/ (pip install -e)
+TEMPLATES = Path(__file__).resolve().parent / "systemd"  # package data: in a checkout and in an installed wheel
 _HIDDEN_BY_PROTECT_HOME = ("/home/", "/root/", "/run/user/")
 
 
@@ -91,8 +91,9 @@ def render_unit(template: str, *, executable: Path, user: str, readme: Path | No
         raise InstallError("the unit template has no ExecStart= line")
     text = re.sub(r"^User=.*$", f"User={user}", text, flags=re.M)
     text = re.sub(r"^Group=.*$", f"Group={user}", text, flags=re.M)
-    if readme is not None:
-        text = re.sub(r"^Documentation=.*$", f"Documentation=file://{readme}", text, flags=re.M)
+    # The README where there is one (a checkout); an installed wheel has none, so no dangling link.
+    text = re.sub(r"^Documentation=.*\n", f"Documentation=file://{readme}\n" if readme is not None else "", text,
+                  flags=re.M)
     return text
 
 
@@ -121,8 +122,8 @@ def plan(*, user: str = "sloth", prefix: Path = Path("/"), start: bool = True,
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
         raise InstallError(f"--user {user!r} is not a valid system user name")
     if not (TEMPLATES / UNIT_NAME).exists():
-        raise InstallError(f"unit template not found at {TEMPLATES / UNIT_NAME}: install-service works from a git "
-                           "checkout installed with `pip install -e` (README: Run as a systemd service)")
+        raise InstallError(f"unit template not found at {TEMPLATES / UNIT_NAME}: this installation of sloth-daemon "
+                           "is incomplete; reinstall it")
     executable = executable or sloth_executable()
     live = prefix.resolve() == Path("/")
     if live and _hidden_from_service(executable):
@@ -130,8 +131,9 @@ def plan(*, user: str = "sloth", prefix: Path = Path("/"), start: bool = True,
         raise InstallError(f"the sloth-daemon executable is at {executable}, which the unit's ProtectHome=yes hides "
                            "from the service (and the service user cannot read): install under /opt/sloth-daemon")
     etc = prefix / "etc"
+    readme = TEMPLATES.parent.parent / "README.md"  # a checkout has one; an installed wheel does not
     unit = render_unit((TEMPLATES / UNIT_NAME).read_text(), executable=executable, user=user,
-                       readme=TEMPLATES.parent / "README.md")
+                       readme=readme if readme.exists() else None)
     actions: list[Action] = []
     commands: list[Run] = []
     if not _user_exists(user):

@@ -203,16 +203,19 @@ def test_timeouts_reconnect_and_retry_only_idempotent_ops():
         assert e.value.code == "unreachable"
 
 
-def chat_cli(*args: str, input: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def chat_cli(*args: str, input: str, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sloth_daemon.cli", "chat", *args], input=input, text=True,
-                          capture_output=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+                          capture_output=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200", "SLOTH_API_KEY": API_KEY})
 
 
-def test_chat_command_through_a_pipe(shared_daemon, http):
+def test_chat_command_through_a_pipe(shared_daemon, http, tmp_path):
     pending = http.get("/sloth/status").json()["pending_examples"]
     before = total(http)
     script = "What is sloth-daemon?\n/fix A daemon that learns from you.\n/down\n/status\n/quit\nnever sent\n"
-    r = chat_cli("--state-dir", str(shared_daemon.state_dir), "--max-tokens", "16", input=script)
+    # Found as `status` finds it (--url, else the config's host and port), from a directory that is not the
+    # daemon's: the ZeroMQ address comes from the daemon itself.
+    r = chat_cli("--url", shared_daemon.url, "--max-tokens", "16", input=script, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("sloth> ") and "correction saved" in r.stdout and "rated down" in r.stdout
     assert "sloth-tiny with adapter" in r.stdout

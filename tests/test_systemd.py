@@ -22,7 +22,7 @@ from sloth_daemon.config import DaemonConfig, _setting_paths, env_name, load_con
 from sloth_daemon.install import UNIT_NAME, plan
 from sloth_daemon.notify import Notifier
 
-SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+SYSTEMD = Path(__file__).resolve().parent.parent / "sloth_daemon" / "systemd"
 
 
 def unit_settings(text: str) -> dict[str, list[str]]:
