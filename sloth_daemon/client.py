@@ -14,7 +14,8 @@ Contract:
 - Both clients have the same operations with the same arguments: `chat`, `complete` (a `Completion`, or with
   `stream=True` a `Stream` / `AsyncStream` of text chunks whose `final` holds the Completion once it ends),
   `feedback`, `teach`, `status`, `trigger_update`, `models`, `updates`, `update`, `adapters`, `rollback`,
-  `interactions`. Daemon errors raise `SlothError(code, message)` with the protocol's error code.
+  `interactions`. Daemon errors raise `SlothError(code, message)` with the protocol's error code; text that is not
+  valid Unicode (a lone surrogate) raises `SlothError("invalid_request")` naming the field, before anything is sent.
 - Every call has a timeout (the client's `timeout`, or per call; for streams it bounds the wait for each message).
   No daemon: `SlothError("unreachable")`; no answer in time: `SlothError("timeout")`. After a timeout the socket
   is recreated (a fresh connection; late replies to the old one cannot be mistaken for new ones) and read-only ops
@@ -42,6 +43,7 @@ import zmq.asyncio
 
 from .api.zmq_protocol import (DEFAULT_MAX_MESSAGE_BYTES, IDEMPOTENT_OPS, VERSION, ProtocolError, decode, encode,
                                 resolve_addresses)
+from .textcheck import invalid_text
 
 
 class SlothError(Exception):
@@ -155,6 +157,9 @@ class _Base(_Ops):
         msg = {"v": VERSION, "id": rid, "op": op, **fields}
         if self.api_key:
             msg["key"] = self.api_key
+        if (bad := invalid_text(msg)) is not None:  # refused here, as the daemon would: never a UnicodeEncodeError
+            param, message = bad
+            raise SlothError("invalid_request", f"{param}: {message}" if param else message, param=param or None)
         data = encode(msg)
         if len(data) > self.max_message_bytes:
             raise SlothError("too_large", f"request of {len(data)} bytes exceeds the limit of {self.max_message_bytes}")

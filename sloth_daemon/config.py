@@ -141,6 +141,9 @@ class DaemonConfig(_Section):
     model: str | None = Field(None, description="local Hugging Face model folder; unset = built-in tiny model")
     served_model_name: str | None = Field(None, description="name in /v1/models; default: the model folder's name")
     api_key: str | None = Field(None, description="if set, HTTP requests need 'Authorization: Bearer <key>'")
+    cors_allowed_origins: list[str] = Field(
+        [], description="browser origins (scheme://host[:port], or '*') allowed to call the HTTP API; empty = none"
+    )
     engine: Literal["embedded", "vllm"] = "embedded"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -159,6 +162,18 @@ class DaemonConfig(_Section):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("cors_allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from the environment: SLOTH_CORS_ALLOWED_ORIGINS=http://a:3000,http://b
+            v = [o for o in (x.strip() for x in v.split(",")) if o]
+        if isinstance(v, list):
+            for origin in v:
+                if isinstance(origin, str) and origin != "*" and (
+                        "://" not in origin or origin.endswith("/") or origin.count("/") > 2):
+                    raise ValueError(f"{origin!r}: an origin is scheme://host[:port] with no path (or '*')")
+        return v
 
     @field_validator("zmq")
     @classmethod

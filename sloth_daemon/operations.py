@@ -10,6 +10,8 @@ Contract:
   `adapter_load_failed`) and `OpError.param` the request field at fault.
 - `Operations(parts)` takes the daemon's assembled parts through the `DaemonParts` protocol below, so the front ends
   (HTTP, ZeroMQ, CLI, page) depend on this module only, never on `service.py` that assembles them (no import cycle).
+- Every operation first refuses text that is not valid Unicode (`check_text`: a lone surrogate) with an
+  `invalid_request` naming the field, so such text never reaches the tokenizer, the store or a reply.
 - Generation: `prepare_chat`/`prepare_completion` check the model name and limits *before* any work and return a
   `Turn`; `run(turn, transport=...)` streams `TextDelta`s then one `TurnDone` through `TurnService` (so both front
   ends log to the replay store the same way, with their transport name, and honour `store: false`).
@@ -28,6 +30,7 @@ from sloth_replay import InvalidInput, NotFound, UpdateAlreadyRunning
 from .adapters import AdapterNotFound
 from .api.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
 from .engine.base import AdapterLoadError, EngineError, RequestTooLong, SamplingParams, TextDelta
+from .textcheck import invalid_text
 from .turns import TurnDone
 from .updater import NothingToTrain
 
@@ -72,13 +75,25 @@ def validation_error(errors: list[dict]) -> OpError:
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid request")
+    if err.get("type") == "string_unicode" and isinstance(err.get("input"), str):
+        # pydantic met text that is not valid Unicode (a lone surrogate): say so as `check_text` does
+        msg = (invalid_text(err["input"]) or ("", msg))[1]
     return OpError("invalid_request", f"{param}: {msg}" if param else msg, param=param)
+
+
+def check_text(data: Any) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate) anywhere in `data`, naming the field: cheaply, before
+    any work, instead of failing later in the tokenizer or the store (`textcheck`)."""
+    if (found := invalid_text(data)) is not None:
+        param, message = found
+        raise OpError("invalid_request", f"{param}: {message}" if param else message, param=param or None)
 
 
 M = TypeVar("M", bound=BaseModel)
 
 
 def parse(model: type[M], data: Any) -> M:
+    check_text(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -159,11 +174,13 @@ class Operations:
         return Turn(kind, prompt, params, store)
 
     def prepare_chat(self, body: ChatCompletionRequest) -> Turn:
+        check_text(body)
         self.check_model(body.model)
         gen = self.daemon.cfg.generation
         return self._checked("chat", body.prompt(), body.sampling(gen, body.max_completion_tokens), body.store)
 
     def prepare_completion(self, body: CompletionRequest) -> Turn:
+        check_text(body)
         self.check_model(body.model)
         return self._checked("completion", body.prompt, body.sampling(self.daemon.cfg.generation), body.store)
 
@@ -194,6 +211,7 @@ class Operations:
 
     # -- learning signals ---------------------------------------------------------------------------------------
     def feedback(self, body: FeedbackRequest) -> dict:
+        check_text(body)
         store = self.daemon.store
         try:
             out = store.add_feedback(body.interaction_id, rating=body.rating, correction=body.correction,
@@ -206,6 +224,7 @@ class Operations:
         return {**out, "pending_examples": store.count_pending()}
 
     def teach(self, body: TeachRequest) -> dict:
+        check_text(body)
         store = self.daemon.store
         ids, added = [], 0
         try:
@@ -249,6 +268,7 @@ class Operations:
         return {"current": registry.current(), "data": registry.to_json()}
 
     async def rollback(self, body: RollbackRequest) -> dict:
+        check_text(body)
         version = None if body.version == "base" else body.version
         try:
             await self.daemon.updater.rollback(version)

@@ -31,6 +31,7 @@ from sloth_replay import ReplayStore
 from . import __version__
 from .adapters import AdapterRegistry
 from .anchors import ensure_anchors
+from .api.auth import SecretRedactor
 from .api.http import create_app
 from .api.zmq import ZmqBindError, ZmqServer
 from .api.zmq_protocol import resolve_addresses
@@ -364,4 +365,6 @@ def serve(cfg: DaemonConfig, reload_config: Callable[[], DaemonConfig] | None = 
     daemon, app = build_app(cfg, notifier)
     server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                                     timeout_graceful_shutdown=cfg.shutdown_grace_s), daemon, reload_config)
+    # After uvicorn configured its loggers: request lines lose keys sent in query strings (and the key anywhere).
+    logging.getLogger("uvicorn.access").addFilter(SecretRedactor(lambda: daemon.cfg.api_key))
     server.run()

@@ -4,6 +4,8 @@ OpenAI-compatible: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/comp
 Daemon: `POST /sloth/feedback`, `POST /sloth/teach`, `GET /sloth/status`, `POST /sloth/updates` (trigger),
 `GET /sloth/updates[/{id}]`, `GET /sloth/adapters`, `POST /sloth/adapters/rollback`, `GET /sloth/interactions`.
 `GET /health` is 200 once the daemon serves. Every error is an OpenAI-style body with a 4xx/5xx status.
+With `api_key` set every route but `/health` needs `Authorization: Bearer <key>` (`api/auth.py`); browsers on the
+origins in `cors_allowed_origins` may call the API (Starlette's CORSMiddleware; preflights need no key).
 Responses carry the turn id as `id`; that id is what `/sloth/feedback` takes. The operations themselves live in
 `sloth_daemon.operations` (shared with the ZeroMQ front end); this module maps them to routes and OpenAI bodies.
 """
@@ -16,12 +18,14 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.base import TextDelta
 from ..operations import OpError, Operations, Turn, usage, validation_error
 from ..turns import TurnDone, new_turn_id
+from .auth import bearer_key_matches
 from .errors import APIError
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
 
@@ -63,11 +67,17 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if cfg.api_key and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
+        key = cfg.api_key  # read per request: a SIGHUP reload may change it
+        if key and request.url.path != "/health":
+            if not bearer_key_matches(request.headers.get("authorization"), key):
                 return APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                 type="authentication_error", code="invalid_api_key").response()
         return await call_next(request)
+
+    # Added last, so outermost: preflights are answered before the key check (browsers send no credentials with
+    # them), and every response, a 401 included, carries the CORS headers an allowed origin needs to read it.
+    app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_allowed_origins), allow_methods=["*"],
+                       allow_headers=["*"], allow_credentials=False, max_age=600)
 
     # -- health and models --------------------------------------------------------------------------------------
     @app.get("/health")

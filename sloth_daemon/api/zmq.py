@@ -37,7 +37,7 @@ import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.base import TextDelta
-from ..operations import OpError, Operations, parse, usage
+from ..operations import OpError, Operations, check_text, parse, usage
 from ..turns import TurnDone
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
 from .zmq_protocol import ENVELOPE_KEYS, MAX_IPC_PATH_BYTES, OPS, VERSION, ProtocolError, decode, encode, valid_id
@@ -264,7 +264,13 @@ class ZmqServer:
         rid = msg.get("id")
         if not valid_id(rid):
             self._reply_now(ep, envelope, encoding, _error(
-                None, "invalid_message", "id: required, a non-empty string (at most 128 characters) or an integer"))
+                None, "invalid_message",
+                "id: required, a non-empty string of valid Unicode (at most 128 characters) or an integer"))
+            return
+        try:
+            check_text(msg)  # any field, the key included: refused here, before it reaches a reply or a compare
+        except OpError as e:
+            self._reply_now(ep, envelope, encoding, _op_error(rid, e))
             return
         if msg.get("v") != VERSION:
             self._reply_now(ep, envelope, encoding, _error(

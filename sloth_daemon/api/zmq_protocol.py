@@ -18,6 +18,8 @@ from typing import Any, Literal, Mapping
 
 import msgpack
 
+from ..textcheck import invalid_text
+
 VERSION = 1
 GENERATION_OPS = ("chat", "complete")
 OPS = GENERATION_OPS + ("feedback", "teach", "status", "trigger_update", "models", "updates", "adapters", "rollback",
@@ -60,12 +62,12 @@ def decode(data: bytes) -> tuple[Any, Encoding]:
 
 
 def valid_id(rid: Any) -> bool:
-    """A request id is a non-empty string (at most 128 characters) or an integer."""
+    """A request id is a non-empty string of valid Unicode (at most 128 characters) or an integer."""
     if isinstance(rid, bool):
         return False
     if isinstance(rid, int):
         return True
-    return isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LENGTH
+    return isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LENGTH and invalid_text(rid) is None
 
 
 def resolve_addresses(setting: str, state_dir: Path, env: Mapping[str, str] | None = None) -> list[str]:

@@ -94,7 +94,7 @@ class VllmServer:
         return cmd + shlex.split(c.extra_args)
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k != "SLOTH_API_KEY"}  # vLLM has no use for the daemon's key
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if self.cfg.sleep_during_updates:
             env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep and /wake_up are dev-mode endpoints

@@ -24,10 +24,15 @@ from .job import TrainJob, TrainResult
 
 
 
+# Secrets the child has no use for (its job file carries all it needs): not passed on.
+SECRET_ENV = ("SLOTH_API_KEY",)
+
+
 def trainer_env(environ) -> dict[str, str]:
-    """The trainer child's environment: ours, unbuffered, with the kernels' allocator setting unless the user
-    configured the allocator (`sloth_kernels.allocator`)."""
-    return {**with_expandable_segments(environ), "PYTHONUNBUFFERED": "1"}
+    """The trainer child's environment: ours without the API key (`SECRET_ENV`), unbuffered, with the kernels'
+    allocator setting unless the user configured the allocator (`sloth_kernels.allocator`)."""
+    env = {k: v for k, v in with_expandable_segments(environ).items() if k not in SECRET_ENV}
+    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 class TrainerFailed(RuntimeError):
