@@ -35,6 +35,14 @@ def state_dir(tmp_path, tiny_model) -> Path:
     return state
 
 
+@pytest.fixture(scope="session")
+def taught_adapter(tmp_path_factory, tiny_model) -> Path:
+    """A LoRA on the tiny model taught "You live in Zürich." by the real trainer (`tests/taught_adapter.py`)."""
+    from .taught_adapter import train_taught_adapter
+
+    return train_taught_adapter(tiny_model, tmp_path_factory.mktemp("taught") / "adapter")
+
+
 API_KEY = "test-key"
 
 

@@ -27,6 +27,7 @@ from sloth_daemon.engine.vllm import VllmEngine
 
 from .daemon_proc import DaemonProcess
 from .engine_contract import EngineContract, run
+from .taught_adapter import QUESTION, STOP_CUTS
 from .test_engine_embedded import make_lora
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,13 +55,15 @@ def lora_dirs(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def daemon(tiny_model, lora_dirs, tmp_path_factory):
+def daemon(tiny_model, lora_dirs, taught_adapter, tmp_path_factory):
     python = vllm_python()
     state = tmp_path_factory.mktemp("vllm-daemon") / "state"
     shutil.copytree(tiny_model, state / "models" / tiny_model.name)
     registry = AdapterRegistry(state / "adapters")
     (state / "adapters").mkdir(parents=True, exist_ok=True)
-    for src in lora_dirs:  # two promoted versions (v000001, v000002) to swap between, as updates would leave them
+    # Promoted versions to swap between, as updates would leave them: v000001 and v000002 (random LoRAs) and
+    # v000003 (taught "You live in Zürich.", for the stop strings).
+    for src in [*lora_dirs, taught_adapter]:
         staging = registry.new_staging_dir()
         shutil.copytree(src, staging, dirs_exist_ok=True)
         registry.update_meta(registry.commit(staging, parent=None, update_id=None).version, status="promoted")
@@ -204,6 +207,27 @@ def test_swap_while_16_clients_stream(daemon):
         # A swap returns once the old version drained, so anything started after it ended is the new version.
         assert version in allowed, (t0, version, allowed)
     assert status(daemon)["in_flight"] == {}
+
+
+def test_stop_strings_with_non_ascii_are_cut_and_logged_as_sent(daemon):
+    serve(daemon, "v000003")
+    messages = [{"role": "user", "content": QUESTION}]
+    with daemon.http() as c:
+        for stops, expected in STOP_CUTS:
+            body = {"model": MODEL, "messages": messages, "max_tokens": 32, "temperature": 0, "stop": stops}
+            r = c.post("/v1/chat/completions", json=body).json()
+            assert r["choices"][0]["message"]["content"] == expected, (stops, r)
+            text, turn_id = "", None
+            with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        ev = json.loads(line[6:])
+                        turn_id = ev["id"]
+                        text += "".join(ch["delta"].get("content") or "" for ch in ev["choices"])
+            assert text == expected, stops
+            rows = {row["id"]: row["response"] for row in c.get("/sloth/interactions").json()["data"]}
+            assert rows[r["id"]] == expected and rows[turn_id] == expected
+    serve(daemon, "base")
 
 
 def test_kill_vllm_mid_stream_then_restart_serves_current_adapter(daemon):

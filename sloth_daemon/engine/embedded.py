@@ -36,6 +36,7 @@ from .base import (
     RequestTooLong,
     TextDelta,
 )
+from .stop_strings import StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class EmbeddedEngine:
         ids = torch.tensor([job.prompt_ids], device=self.device)
         past = None
         out_ids: list[int] = []
-        sent = ""
+        stops = StopStrings(p.stop)  # holds back what may still become a stop string or is half a character
         finish = "length"
         text = ""
         for _ in range(p.max_tokens):
@@ -197,19 +198,15 @@ class EmbeddedEngine:
             out_ids.append(tok)
             ids = torch.tensor([[tok]], device=self.device)
             text = self._tokenizer.decode(out_ids, skip_special_tokens=True)
-            stop_at = _find_stop(text, p.stop)
-            if stop_at is not None:
-                text, finish = text[:stop_at], "stop"
+            delta, stopped = stops.feed(text)
+            if delta:
+                emit(TextDelta(delta))
+            if stopped:
+                finish = "stop"
                 break
-            # Hold back what may still turn into a stop string or is half a UTF-8 character (byte-level tokens).
-            safe = len(text) - _pending_len(text, p.stop)
-            if safe > len(sent):
-                emit(TextDelta(text[len(sent):safe]))
-                sent = text[:safe]
-        if finish != "cancelled" and len(text) > len(sent):
-            emit(TextDelta(text[len(sent):]))
-            sent = text
-        emit(Finished(sent, finish, len(job.prompt_ids), len(out_ids), job.adapter))
+        if finish != "cancelled" and finish != "stop" and (rest := stops.flush(text)):
+            emit(TextDelta(rest))
+        emit(Finished(stops.sent, finish, len(job.prompt_ids), len(out_ids), job.adapter))
 
     # -- requests -------------------------------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> int:
@@ -305,24 +302,6 @@ class EmbeddedEngine:
     async def loss_probe(self, fn: Callable[[Any, Any], Any]) -> Any:
         """Run `fn(model, tokenizer)` on the worker thread (used for anchor generation at first start)."""
         return await self._call(lambda: fn(self._model, self._tokenizer))
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
-
-
-def _pending_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the tail of `text` that must not be sent yet: a partial UTF-8 character or a stop-string prefix."""
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
-    longest = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
-                break
-    return longest
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
