@@ -64,11 +64,12 @@ class Completion:
     adapter_version: str | None
     logged: bool
     model: str
+    choices: tuple[dict, ...] = ()  # every choice (n > 1): index, text, finish_reason, logprobs, tool_calls
 
     @classmethod
     def from_final(cls, msg: dict) -> "Completion":
         return cls(msg["text"], msg["interaction_id"], msg["finish_reason"], msg["usage"], msg.get("adapter_version"),
-                   msg.get("logged", False), msg.get("model", ""))
+                   msg.get("logged", False), msg.get("model", ""), tuple(msg.get("choices") or ()))
 
 
 def default_address() -> str:
@@ -316,17 +317,18 @@ class SlothClient(_Base):
 
     def chat(self, messages: str | list[dict], *, stream: bool = False, max_tokens: int | None = None,
              temperature: float | None = None, top_p: float | None = None, stop: str | list[str] | None = None,
-             seed: int | None = None, store: bool = True, timeout: float | None = None) -> Any:
-        """A chat turn: `messages` is a list of {"role", "content"} or one user message as a string."""
+             seed: int | None = None, store: bool = True, timeout: float | None = None, **fields: Any) -> Any:
+        """A chat turn: `messages` is a list of {"role", "content"} or one user message as a string. Other
+        OpenAI fields (`n`, `logprobs`, `response_format`, `tools`, ...) go as keyword arguments."""
         return self._generate(True, messages, stream, timeout, dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, store=store))
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, store=store, **fields))
 
     def complete(self, prompt: str, *, stream: bool = False, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, stop: str | list[str] | None = None,
-                 seed: int | None = None, store: bool = True, timeout: float | None = None) -> Any:
-        """A plain text completion of `prompt`."""
+                 seed: int | None = None, store: bool = True, timeout: float | None = None, **fields: Any) -> Any:
+        """A plain text completion of `prompt`; other OpenAI fields (`n`, `logprobs`, ...) as keyword arguments."""
         return self._generate(False, prompt, stream, timeout, dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, store=store))
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, store=store, **fields))
 
 
 # ---------------------------------------------------------------------------------------------------- async client
@@ -470,13 +472,13 @@ class AsyncSlothClient(_Base):
     async def chat(self, messages: str | list[dict], *, stream: bool = False, max_tokens: int | None = None,
                    temperature: float | None = None, top_p: float | None = None,
                    stop: str | list[str] | None = None, seed: int | None = None, store: bool = True,
-                   timeout: float | None = None) -> Any:
+                   timeout: float | None = None, **fields: Any) -> Any:
         return await self._generate(True, messages, stream, timeout, dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, store=store))
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, store=store, **fields))
 
     async def complete(self, prompt: str, *, stream: bool = False, max_tokens: int | None = None,
                        temperature: float | None = None, top_p: float | None = None,
                        stop: str | list[str] | None = None, seed: int | None = None, store: bool = True,
-                       timeout: float | None = None) -> Any:
+                       timeout: float | None = None, **fields: Any) -> Any:
         return await self._generate(False, prompt, stream, timeout, dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, store=store))
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, store=store, **fields))

@@ -28,8 +28,15 @@ from pydantic import BaseModel, ValidationError
 from sloth_replay import InvalidInput, NotFound, UpdateAlreadyRunning
 
 from .adapters import AdapterNotFound
-from .api.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
-from .engine.base import AdapterLoadError, EngineError, RequestTooLong, SamplingParams, TextDelta
+from .api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    RollbackRequest,
+    TeachRequest,
+    refused_field,
+)
+from .engine.base import AdapterLoadError, EngineError, InvalidParam, RequestTooLong, SamplingParams, TextDelta
 from .textcheck import invalid_text
 from .turns import TurnDone
 from .updater import NothingToTrain
@@ -171,18 +178,29 @@ class Operations:
         except RequestTooLong as e:
             raise OpError("invalid_request", str(e), param="messages" if kind == "chat" else "prompt",
                           reason="context_length_exceeded") from None
+        except InvalidParam as e:
+            raise OpError("invalid_request", str(e), param=e.param) from None
         return Turn(kind, prompt, params, store)
+
+    @staticmethod
+    def _check_fields(body: ChatCompletionRequest | CompletionRequest) -> None:
+        name = refused_field(body)
+        if name is not None:
+            raise OpError("invalid_request", f"{name}: this field is not supported (the README's API table lists "
+                          "the fields this server honours)", param=name, reason="unsupported_field")
 
     def prepare_chat(self, body: ChatCompletionRequest) -> Turn:
         check_text(body)
+        self._check_fields(body)
         self.check_model(body.model)
         gen = self.daemon.cfg.generation
-        return self._checked("chat", body.prompt(), body.sampling(gen, body.max_completion_tokens), body.store)
+        return self._checked("chat", body.prompt(), body.sampling(gen, body.max_completion_tokens), body.stored)
 
     def prepare_completion(self, body: CompletionRequest) -> Turn:
         check_text(body)
+        self._check_fields(body)
         self.check_model(body.model)
-        return self._checked("completion", body.prompt, body.sampling(self.daemon.cfg.generation), body.store)
+        return self._checked("completion", body.prompt, body.sampling(self.daemon.cfg.generation), body.stored)
 
     async def run(self, turn: Turn, *, transport: str, turn_id: str | None = None
                   ) -> AsyncIterator[TextDelta | TurnDone]:
@@ -195,6 +213,8 @@ class Operations:
                     yield ev
         except EngineError as e:
             raise OpError("engine_error", str(e), reason="engine_error") from None
+        except InvalidParam as e:  # found by the engine only once it ran (e.g. vLLM refused a field)
+            raise OpError("invalid_request", str(e), param=e.param) from None
 
     async def collect(self, turn: Turn, *, transport: str) -> TurnDone:
         async for ev in self.run(turn, transport=transport):

@@ -1,7 +1,7 @@
 """One served turn, front-end agnostic: generate through the engine with the current adapter, then log it.
 
-Contract: `TurnService.run(kind, prompt, params, store=..., transport=...)` yields `TextDelta`s and ends with one
-`TurnDone`. The turn's id (`chatcmpl-…` / `cmpl-…`) is the replay-store interaction id clients send feedback for.
+Contract: `TurnService.run(kind, prompt, params, store=..., transport=...)` yields `TextDelta`s (each with its
+choice's `index`) and ends with one `TurnDone` holding every choice (`n` of them) and the summed usage. The turn's id (`chatcmpl-…` / `cmpl-…`) is the replay-store interaction id clients send feedback for.
 A finished turn is logged exactly once, unless `store=False` (the OpenAI API's own flag) or it was cancelled
 (the client went away: no answer was delivered, so there is nothing to learn from).
 """
@@ -16,11 +16,21 @@ from typing import AsyncIterator, Literal
 
 from sloth_replay import ReplayStore
 
-from .engine.base import Engine, Finished, GenerationRequest, Prompt, SamplingParams, TextDelta
+from .engine.base import Engine, Finished, GenerationRequest, Prompt, SamplingParams, TextDelta, TokenLogprob
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
 class TurnDone:
+    """A finished turn: `text` and `finish_reason` are choice 0's; `completion_tokens` counts all choices."""
+
     id: str
     text: str
     finish_reason: str
@@ -28,6 +38,7 @@ class TurnDone:
     completion_tokens: int
     adapter_version: str | None
     logged: bool
+    choices: tuple[Choice, ...] = ()
 
 
 def new_turn_id(kind: str) -> str:
@@ -50,6 +61,7 @@ class TurnService:
         t0 = time.monotonic()
         ttft = None
         stream = self.engine.generate(GenerationRequest(kind, prompt, params))
+        finished: dict[int, Finished] = {}
         async with contextlib.aclosing(stream):
             async for ev in stream:
                 if isinstance(ev, TextDelta):
@@ -58,17 +70,36 @@ class TurnService:
                     yield ev
                     continue
                 assert isinstance(ev, Finished)
-                logged = store and ev.finish_reason != "cancelled"
-                if logged:
-                    self.store.log_interaction(
-                        id=turn_id, kind=kind, prompt=prompt, response=ev.text, model=self.model_name,
-                        adapter_version=ev.adapter_version, prompt_tokens=ev.prompt_tokens,
-                        completion_tokens=ev.completion_tokens, latency_ms=(time.monotonic() - t0) * 1000,
-                        ttft_ms=ttft, finish_reason=ev.finish_reason,
-                        params={"max_tokens": params.max_tokens, "temperature": params.temperature,
-                                "top_p": params.top_p, "stop": list(params.stop), "seed": params.seed},
-                        transport=transport,
-                    )
-                yield TurnDone(turn_id, ev.text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
-                               ev.adapter_version, logged)
-                return
+                finished[ev.index] = ev
+                if ev.finish_reason == "cancelled" or len(finished) == params.n:
+                    break
+        first = finished[0]
+        choices = tuple(Choice(f.index, f.text, f.finish_reason, f.logprobs) for f in sorted(
+            finished.values(), key=lambda f: f.index))
+        completion_tokens = sum(f.completion_tokens for f in finished.values())
+        logged = store and all(c.finish_reason != "cancelled" for c in choices) and len(choices) == params.n
+        if logged:
+            self.store.log_interaction(
+                id=turn_id, kind=kind, prompt=prompt, response=first.text, model=self.model_name,
+                adapter_version=first.adapter_version, prompt_tokens=first.prompt_tokens,
+                completion_tokens=completion_tokens, latency_ms=(time.monotonic() - t0) * 1000,
+                ttft_ms=ttft, finish_reason=first.finish_reason, params=logged_params(params, choices),
+                transport=transport,
+            )
+        yield TurnDone(turn_id, first.text, first.finish_reason, first.prompt_tokens, completion_tokens,
+                       first.adapter_version, logged, choices)
+
+
+def logged_params(params: SamplingParams, choices: tuple[Choice, ...]) -> dict:
+    """The request fields that shaped the answer, as the replay store keeps them (`interactions.params`); the
+    other choices' texts when n > 1 (the response column holds choice 0)."""
+    out: dict = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                 "stop": list(params.stop), "seed": params.seed}
+    if params.presence_penalty or params.frequency_penalty:
+        out.update(presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
+    if params.logit_bias:
+        out["logit_bias"] = {str(k): v for k, v in params.logit_bias}
+    if params.n > 1:
+        out["n"] = params.n
+        out["choices"] = [{"text": c.text, "finish_reason": c.finish_reason} for c in choices[1:]]
+    return out

@@ -11,7 +11,14 @@ import asyncio
 
 import pytest
 
-from sloth_daemon.engine.base import Finished, GenerationRequest, RequestTooLong, SamplingParams, TextDelta
+from sloth_daemon.engine.base import (
+    Finished,
+    GenerationRequest,
+    InvalidParam,
+    RequestTooLong,
+    SamplingParams,
+    TextDelta,
+)
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
@@ -121,3 +128,64 @@ class EngineContract:
         run(engine.swap_adapter(None, None))
         assert engine.current_adapter is None
         assert run(collect(engine, chat("Hello")))[0] == base
+
+    # -- the OpenAI sampling fields (issue 11) ------------------------------------------------------------------
+    def test_n_choices_each_end_and_seeded_choices_repeat(self, engine):
+        params = SamplingParams(max_tokens=10, temperature=1.0, n=3, seed=7)
+
+        async def events():
+            return [ev async for ev in engine.generate(chat("Tell me a story about a dog", params))]
+
+        evs = run(events())
+        finals = {ev.index: ev for ev in evs if isinstance(ev, Finished)}
+        assert sorted(finals) == [0, 1, 2] and isinstance(evs[-1], Finished)
+        for i, final in finals.items():
+            assert "".join(ev.text for ev in evs if isinstance(ev, TextDelta) and ev.index == i) == final.text
+            assert 0 < final.completion_tokens <= 10
+        assert len({f.text for f in finals.values()}) > 1  # sampled choices differ from each other ...
+        again = {ev.index: ev.text for ev in run(events()) if isinstance(ev, Finished)}
+        assert again == {i: f.text for i, f in finals.items()}  # ... and a seed repeats all of them
+
+    def test_logit_bias_and_frequency_penalty(self, engine):
+        z = engine.tokenizer("Z", add_special_tokens=False)["input_ids"][0]
+        forced = run(collect(engine, chat("Hello", SamplingParams(max_tokens=6, temperature=0,
+                                                                 logit_bias=((z, 100.0),)))))[0]
+        assert forced == "Z" * 6
+        biased = SamplingParams(max_tokens=12, temperature=0, logit_bias=((z, 25.0),))
+        plain = run(collect(engine, chat("Hello", biased)))[0]
+        penalised = run(collect(engine, chat("Hello", SamplingParams(
+            max_tokens=12, temperature=0, logit_bias=((z, 25.0),), frequency_penalty=2.0))))[0]
+        assert plain.count("Z") > penalised.count("Z")  # each repeat costs 2: the bias stops winning
+        with pytest.raises(InvalidParam) as e:
+            engine.validate(chat("Hello", SamplingParams(logit_bias=((10**6, 1.0),))))
+        assert e.value.param == "logit_bias"
+
+    def test_logprobs_match_the_text_and_greedy_picks_the_top(self, engine):
+        params = SamplingParams(max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+
+        async def events():
+            return [ev async for ev in engine.generate(chat("Hello", params))]
+
+        evs = run(events())
+        final = evs[-1]
+        assert isinstance(final, Finished) and final.logprobs is not None
+        streamed = [lp for ev in evs if isinstance(ev, TextDelta) for lp in ev.logprobs]
+        assert [t.token for t in streamed] == [t.token for t in final.logprobs]
+        assert len(final.logprobs) == final.completion_tokens
+        assert bytes(b for t in final.logprobs for b in t.bytes).decode() == final.text
+        for t in final.logprobs:
+            assert len(t.top) == 3 and t.logprob <= 0
+            assert t.top[0].token == t.token and abs(t.top[0].logprob - t.logprob) < 1e-4  # greedy: the argmax
+            assert t.top[0].logprob >= t.top[1].logprob >= t.top[2].logprob
+        assert [t.text_offset for t in final.logprobs] == [len(final.text[:0])] + [
+            sum(len(x.token) for x in final.logprobs[:i]) for i in range(1, len(final.logprobs))]
+
+    def test_tiny_temperature_and_top_p_are_greedy_not_a_crash(self, engine):
+        greedy = run(collect(engine, chat("Hello", SamplingParams(max_tokens=8, temperature=0))))[0]
+        for params in (SamplingParams(max_tokens=8, temperature=1e-45, seed=1),
+                       SamplingParams(max_tokens=8, temperature=1.5, top_p=1e-320, seed=2**63 - 1),
+                       SamplingParams(max_tokens=8, temperature=0.7, seed=-(2**63))):
+            text, final = run(collect(engine, chat("Hello", params)))
+            assert final.completion_tokens > 0
+            if params.temperature < 1 or params.top_p < 1e-300:
+                assert text == greedy or params.temperature == 0.7

@@ -61,7 +61,7 @@ def test_models_and_unknown_model(http, model):
 @pytest.mark.parametrize("patch,param", [
     ({"messages": []}, "messages"),
     ({"temperature": 5}, "temperature"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 100000}, "max_tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None),

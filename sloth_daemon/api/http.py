@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.base import TextDelta
+from ..engine.logprobs import chat_logprobs, completion_logprobs
 from ..operations import OpError, Operations, Turn, usage, validation_error
 from ..turns import TurnDone, new_turn_id
 from .auth import bearer_key_matches
@@ -92,28 +93,38 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     def _extra(done: TurnDone) -> dict:
         return {"adapter_version": done.adapter_version, "logged": done.logged}
 
+    def _logprobs(kind: str, tokens: Any) -> dict | None:
+        if tokens is None:
+            return None
+        return chat_logprobs(tokens) if kind == "chat" else completion_logprobs(tokens)
+
     async def _stream(turn: Turn, include_usage: bool) -> AsyncIterator[str]:
         kind = turn.kind
         turn_id = new_turn_id(kind)
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        want_logprobs = turn.params.logprobs
 
-        def chunk(delta_or_text: Any, finish: str | None, **extra: Any) -> dict:
+        def chunk(index: int, delta_or_text: Any, finish: str | None, logprobs: Any = None, **extra: Any) -> dict:
+            lp = _logprobs(kind, logprobs) if want_logprobs and logprobs is not None else None
             if kind == "chat":
-                choice = {"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "delta": delta_or_text, "finish_reason": finish, "logprobs": lp}
             else:
-                choice = {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "text": delta_or_text, "finish_reason": finish, "logprobs": lp}
             return {"id": turn_id, "object": obj, "created": created, "model": ops.model_name,
                     "choices": [choice], **extra}
 
         if kind == "chat":
-            yield _sse(chunk({"role": "assistant", "content": ""}, None))
+            for index in range(turn.params.n):
+                yield _sse(chunk(index, {"role": "assistant", "content": ""}, None))
         try:
             async for ev in ops.run(turn, transport="http", turn_id=turn_id):
                 if isinstance(ev, TextDelta):
-                    yield _sse(chunk({"content": ev.text} if kind == "chat" else ev.text, None))
+                    yield _sse(chunk(ev.index, {"content": ev.text} if kind == "chat" else ev.text, None,
+                                     ev.logprobs))
                 elif isinstance(ev, TurnDone):
-                    yield _sse(chunk({} if kind == "chat" else "", ev.finish_reason, sloth=_extra(ev)))
+                    for c in ev.choices:
+                        yield _sse(chunk(c.index, {} if kind == "chat" else "", c.finish_reason, sloth=_extra(ev)))
                     if include_usage:
                         yield _sse({"id": turn_id, "object": obj, "created": created, "model": ops.model_name,
                                     "choices": [], "usage": usage(ev)})
@@ -124,27 +135,27 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
         turn = ops.prepare_chat(body)
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(turn, include), media_type="text/event-stream")
+        if body.streaming:
+            return StreamingResponse(_stream(turn, body.include_usage), media_type="text/event-stream")
         done = await ops.collect(turn, transport="http")
         return {
             "id": done.id, "object": "chat.completion", "created": int(time.time()), "model": ops.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "finish_reason": done.finish_reason, "logprobs": None}],
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "logprobs": _logprobs("chat", c.logprobs)}
+                        for c in done.choices],
             "usage": usage(done), "sloth": _extra(done),
         }
 
     @app.post("/v1/completions")
     async def complete(body: CompletionRequest):
         turn = ops.prepare_completion(body)
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(turn, include), media_type="text/event-stream")
+        if body.streaming:
+            return StreamingResponse(_stream(turn, body.include_usage), media_type="text/event-stream")
         done = await ops.collect(turn, transport="http")
         return {
             "id": done.id, "object": "text_completion", "created": int(time.time()), "model": ops.model_name,
-            "choices": [{"index": 0, "text": done.text, "finish_reason": done.finish_reason, "logprobs": None}],
+            "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                         "logprobs": _logprobs("completion", c.logprobs)} for c in done.choices],
             "usage": usage(done), "sloth": _extra(done),
         }
 

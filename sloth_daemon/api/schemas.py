@@ -1,26 +1,45 @@
 """Request bodies of the HTTP API (pydantic), and their conversion to engine prompts and sampling parameters.
 
-OpenAI request fields we do not act on (e.g. `frequency_penalty`, `user`, `logit_bias`) are accepted and ignored,
-as other OpenAI-compatible servers do, so stock clients work; fields we cannot honour with a different meaning
-(`n` > 1, non-text content parts) are refused with 400.
+Contract:
+- Generation requests (`ChatCompletionRequest`, `CompletionRequest`) take the OpenAI fields with the OpenAI types,
+  strictly (`temperature: true` and `stream: "yes"` are errors, not coerced) and range-checked where the engine
+  or the store needs it (`seed` within int64 as vLLM takes it, `logit_bias` values within [-100, 100], `n` up to
+  `MAX_N`, `top_logprobs` up to `MAX_TOP_LOGPROBS`); `null` means the default wherever the OpenAI schema allows it.
+- Every field that changes the output is honoured (see the README's API table). `IGNORED_FIELDS` change nothing
+  and are accepted; any other field with a non-null value is refused: `refused_field(body)` names it, and the
+  operations answer 400 with that `param`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config import GenerationConfig
 from ..engine.base import SamplingParams
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+# OpenAI fields that do not change what is generated: accepted and not acted on.
+IGNORED_FIELDS = frozenset({"user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
+
+Float = Annotated[float, Field(strict=True)]
+
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class _Request(BaseModel):
+    """A generation request: unknown fields are kept (as extras) so `refused_field` can name them."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class ChatMessage(_Lenient):
@@ -42,17 +61,20 @@ class ChatMessage(_Lenient):
         return "".join(parts)
 
 
-class _SamplingFields(_Lenient):
+class _SamplingFields(_Request):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    stream: bool = False
+    temperature: Float | None = Field(None, ge=0, le=2)
+    top_p: Float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    store: bool = True
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    store: bool | None = None
+    presence_penalty: Float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[Float, Field(ge=-100, le=100)]] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -61,20 +83,69 @@ class _SamplingFields(_Lenient):
             raise ValueError("at most 4 stop sequences")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict | None) -> dict | None:
+        for key in v or {}:
+            if not key.isdigit() or int(key) > INT64_MAX:
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+        return v
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.streaming and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stored(self) -> bool:
+        return self.store is not False
+
+    def _logprobs(self) -> tuple[bool, int]:
+        return False, 0
+
     def sampling(self, defaults: GenerationConfig, max_tokens: int | None = None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        logprobs, top = self._logprobs()
         return SamplingParams(
             max_tokens=max_tokens or self.max_tokens or defaults.max_tokens,
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             stop=stop,
             seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+            logprobs=logprobs,
+            top_logprobs=top,
+            n=self.n or 1,
         )
+
+
+def refused_field(body: BaseModel) -> str | None:
+    """The first field of `body` that is set (not null) but neither honoured nor in `IGNORED_FIELDS`."""
+    for name, value in (body.model_extra or {}).items():
+        if value is not None and name not in IGNORED_FIELDS:
+            return name
+    return None
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def _logprobs(self) -> tuple[bool, int]:
+        return bool(self.logprobs), self.top_logprobs or 0
 
     def prompt(self) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
@@ -82,8 +153,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str]
-    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = None
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=1, description="only best_of=1 is supported")
 
     @field_validator("prompt")
     @classmethod
@@ -103,6 +176,9 @@ class CompletionRequest(_SamplingFields):
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
+
+    def _logprobs(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
 
 class FeedbackRequest(BaseModel):

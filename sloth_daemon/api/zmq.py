@@ -37,6 +37,7 @@ import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.base import TextDelta
+from ..engine.logprobs import chat_logprobs, completion_logprobs
 from ..operations import OpError, Operations, check_text, parse, usage
 from ..turns import TurnDone
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
@@ -386,15 +387,15 @@ class ZmqServer:
         async with contextlib.aclosing(events):
             async for ev in events:
                 if isinstance(ev, TextDelta):
-                    if body.stream and ev.text:
-                        msg = {"v": VERSION, "id": req.id, "type": "chunk", "text": ev.text}
+                    if body.streaming and ev.text:
+                        msg = {"v": VERSION, "id": req.id, "type": "chunk", "text": ev.text, "index": ev.index}
                         if not await self._send(req, msg):
                             return  # the peer is gone: closing the stream cancels the turn (never logged)
                 elif isinstance(ev, TurnDone):
                     await self._send(req, {
                         "v": VERSION, "id": req.id, "type": "final", "interaction_id": ev.id, "text": ev.text,
                         "finish_reason": ev.finish_reason, "usage": usage(ev), "adapter_version": ev.adapter_version,
-                        "logged": ev.logged, "model": self.ops.model_name})
+                        "logged": ev.logged, "model": self.ops.model_name, "choices": _choices(op, ev)})
                     return
 
     # -- sending --------------------------------------------------------------------------------------------------
@@ -439,6 +440,13 @@ class ZmqServer:
             if other is not req and other.task is not None:
                 other.cancel_reason = "gone"
                 other.task.cancel()
+
+
+def _choices(op: str, done: TurnDone) -> list[dict]:
+    """Every choice of a finished turn (`n` > 1), with its logprobs in the HTTP API's shape when asked for."""
+    shape = chat_logprobs if op == "chat" else completion_logprobs
+    return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+             "logprobs": None if c.logprobs is None else shape(c.logprobs)} for c in done.choices]
 
 
 def _socket_alive(path: Path) -> bool:

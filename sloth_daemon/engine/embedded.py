@@ -8,6 +8,10 @@ Contract: see `sloth_daemon.engine.base`. How it keeps it:
   by the requests pinned to them; the old one is unloaded only when its count drops to zero.
 - Tokens stream from the worker to the caller's event loop through an asyncio queue; a caller that stops
   listening cancels its job at the next token.
+- Decoding is our own loop over the model's forward (it pins the adapter per request and cancels per token, which
+  transformers' `generate()` cannot); everything that picks the next token is transformers' own logits processors,
+  built once per choice in `sampling.ChoiceSampler` (the one place a request's decoding state lives). The `n`
+  choices of a request are decoded one after another and share its seeded generator.
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ from .base import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    InvalidParam,
     ProbeResult,
     RequestTooLong,
     TextDelta,
+    TokenLogprob,
 )
+from .logprobs import TokenTexts, token_logprob
+from .sampling import ChoiceSampler
 from .stop_strings import StopStrings
 
 log = logging.getLogger(__name__)
@@ -84,6 +92,8 @@ class EmbeddedEngine:
         self._pins: dict[str | None, int] = {}
         self._pins_changed = asyncio.Condition()
         self.max_model_len = 2048
+        self.vocab_size = 0
+        self._guides: Any = None  # structured generation (engine/guides.py), built at start
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -95,6 +105,8 @@ class EmbeddedEngine:
             self._model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
             cfg = self._model.config
             self.max_model_len = getattr(cfg, "max_position_embeddings", None) or 2048
+            self.vocab_size = int(self._model.get_output_embeddings().weight.shape[0])
+            self._token_texts = TokenTexts(self._tokenizer)
             gen = getattr(self._model, "generation_config", None)
             eos = getattr(gen, "eos_token_id", None) if gen else None
             if eos is None:
@@ -179,37 +191,65 @@ class EmbeddedEngine:
         p = job.request.params
         gen = torch.Generator(device=self.device)
         gen.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % (2**63)))
+        for index in range(p.n):  # the choices one after another, sharing the seeded generator
+            guide = self._guides.processor(p.guide) if p.guide is not None else None
+            sampler = ChoiceSampler(p, len(job.prompt_ids), gen, guide)
+            if not self._decode_choice(job, index, sampler, emit):
+                return
+
+    def _decode_choice(self, job: _GenJob, index: int, sampler: ChoiceSampler, emit: Callable[[Any], None]) -> bool:
+        """Generate choice `index`; False when the request was cancelled (no more choices then)."""
+        p = job.request.params
         ids = torch.tensor([job.prompt_ids], device=self.device)
+        seq = list(job.prompt_ids)
         past = None
         out_ids: list[int] = []
         stops = StopStrings(p.stop)  # holds back what may still become a stop string or is half a character
-        finish = "length"
+        finish, cut = "length", False
         text = ""
+        lps = _LogprobTrack(self._token_texts) if p.logprobs else None
         for _ in range(p.max_tokens):
             if job.cancelled.is_set():
                 finish = "cancelled"
                 break
             out = self._model(input_ids=ids, use_cache=True, **{self._cache_arg: past})
             past = getattr(out, self._cache_arg)
-            tok = _sample(out.logits[0, -1].float(), p.temperature, p.top_p, gen)
+            tok, logprob, top = sampler.choose(torch.tensor([seq], device=self.device), out.logits[:, -1].float())
             if tok in self._eos_ids:
                 finish = "stop"
                 break
             out_ids.append(tok)
+            seq.append(tok)
             ids = torch.tensor([[tok]], device=self.device)
             text = self._tokenizer.decode(out_ids, skip_special_tokens=True)
+            if lps is not None:
+                lps.add(tok, logprob, top, text)
             delta, stopped = stops.feed(text)
-            if delta:
-                emit(TextDelta(delta))
             if stopped:
-                finish = "stop"
+                finish, cut = "stop", True
+                got = lps.take_rest(len(stops.sent)) if lps else ()
+                if delta or got:
+                    emit(TextDelta(delta, index, got))
                 break
-        if finish != "cancelled" and finish != "stop" and (rest := stops.flush(text)):
-            emit(TextDelta(rest))
-        emit(Finished(stops.sent, finish, len(job.prompt_ids), len(out_ids), job.adapter))
+            if delta:
+                emit(TextDelta(delta, index, lps.take(len(stops.sent)) if lps else ()))
+        if finish != "cancelled" and not cut:  # the end of sequence or the length limit: release what was held
+            rest = stops.flush(text)
+            got = lps.take_rest(len(stops.sent)) if lps else ()
+            if rest or got:
+                emit(TextDelta(rest, index, got))
+        emit(Finished(stops.sent, finish, len(job.prompt_ids), len(out_ids), job.adapter, index,
+                      tuple(lps.done) if lps else None))
+        return finish != "cancelled"
 
     # -- requests -------------------------------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> int:
+        bad = [tok for tok, _ in request.params.logit_bias if not 0 <= tok < self.vocab_size]
+        if bad:
+            raise InvalidParam("logit_bias", f"logit_bias: token id {bad[0]} is not in the model's vocabulary "
+                                             f"(0-{self.vocab_size - 1})")
+        if request.params.guide is not None and self._guides is None:
+            raise InvalidParam("response_format", "structured generation is not available on this engine")
         n = len(encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt)))
         if n + request.params.max_tokens > self.max_model_len:
             raise RequestTooLong(
@@ -226,13 +266,16 @@ class EmbeddedEngine:
         job = _GenJob(request, prompt_ids, adapter, asyncio.get_running_loop(), asyncio.Queue())
         try:
             self._jobs.put(job)
+            left = request.params.n
             while True:
                 ev = await job.events.get()
                 if isinstance(ev, BaseException):
                     raise ev
                 yield ev
                 if isinstance(ev, Finished):
-                    return
+                    left -= 1
+                    if left == 0 or ev.finish_reason == "cancelled":
+                        return
         finally:
             job.cancelled.set()
             self._pins[adapter] -= 1
@@ -304,13 +347,42 @@ class EmbeddedEngine:
         return await self._call(lambda: fn(self._model, self._tokenizer))
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=gen))
+class _LogprobTrack:
+    """Attaches each generated token's logprob to the delta that completes its text.
+
+    A byte-level token may end inside a UTF-8 character (the decoded text then ends in U+FFFD); its text end is
+    known once the character is whole, so ends are assigned when the decoded text is stable.
+    """
+
+    def __init__(self, texts: TokenTexts):
+        self.texts = texts
+        self.pending: list[tuple[int, float, list, int | None]] = []  # (id, logprob, top, end)
+        self.done: list[TokenLogprob] = []
+        self.offset = 0
+
+    def add(self, token: int, logprob: float | None, top: list, text: str) -> None:
+        self.pending.append((token, float(logprob or 0.0), top, None))
+        if not text.endswith("\ufffd"):
+            self.pending = [(t, lp, tp, len(text) if end is None else end) for t, lp, tp, end in self.pending]
+
+    def take(self, upto: int) -> tuple[TokenLogprob, ...]:
+        """The tokens whose text ends at or before character `upto`."""
+        out = []
+        while self.pending and self.pending[0][3] is not None and self.pending[0][3] <= upto:
+            out.append(self._emit(self.pending.pop(0)))
+        return tuple(out)
+
+    def take_rest(self, length: int) -> tuple[TokenLogprob, ...]:
+        """At the end of a choice: every remaining token that starts inside its `length` characters of text."""
+        out = []
+        while self.pending and self.offset < length:
+            out.append(self._emit(self.pending.pop(0)))
+        self.pending.clear()
+        return tuple(out)
+
+    def _emit(self, item: tuple[int, float, list, int | None]) -> TokenLogprob:
+        token, logprob, top, end = item
+        lp = token_logprob(self.texts, token, logprob, top, self.offset)
+        self.offset = end if end is not None else self.offset
+        self.done.append(lp)
+        return lp

@@ -37,10 +37,15 @@ from .base import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    Guide,
+    InvalidParam,
     ProbeResult,
     RequestTooLong,
+    SamplingParams,
     TextDelta,
+    TokenLogprob,
 )
+from .logprobs import TokenTexts, token_logprob
 from .vllm_server import VllmServer
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ class VllmEngine:
         self._admit.set()
         self._swap_lock = asyncio.Lock()
         self._base_ref: dict[str, float] | None = None
+        self.vocab_size = 0
         self.paused: str | None = None  # why serving waits, for status
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
@@ -81,6 +87,9 @@ class VllmEngine:
         from transformers import AutoTokenizer
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
+        self._token_texts = TokenTexts(self._tokenizer)
+        config = json.loads((self.model_path / "config.json").read_text())
+        self.vocab_size = int(config.get("vocab_size") or len(self._tokenizer))
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10),
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         await self.server.start()
@@ -126,6 +135,10 @@ class VllmEngine:
                 f"length ({self.max_model_len})")
 
     def validate(self, request: GenerationRequest) -> int:
+        bad = [tok for tok, _ in request.params.logit_bias if not 0 <= tok < self.vocab_size]
+        if bad:
+            raise InvalidParam("logit_bias", f"logit_bias: token id {bad[0]} is not in the model's vocabulary "
+                                             f"(0-{self.vocab_size - 1})")
         n = len(self._prompt_ids(request))
         self._check_len(n, request)
         return n
@@ -153,22 +166,60 @@ class VllmEngine:
             async with self._pins_changed:
                 self._pins_changed.notify_all()
 
-    async def _stream(self, prompt_ids: list[int], request: GenerationRequest, served: str,
-                      version: str | None) -> AsyncIterator[GenerationEvent]:
-        p = request.params
+    def _body(self, prompt_ids: list[int], params: SamplingParams, served: str) -> dict[str, Any]:
+        """The `/v1/completions` request: every sampling field goes to vLLM's own implementation."""
+        p = params
         body: dict[str, Any] = {"model": served, "prompt": prompt_ids, "max_tokens": p.max_tokens,
-                                "temperature": p.temperature, "top_p": p.top_p, "stream": True,
-                                "stream_options": {"include_usage": True}}
+                                "temperature": 0.0 if p.greedy else p.temperature, "top_p": p.top_p, "n": p.n,
+                                "stream": True, "stream_options": {"include_usage": True},
+                                "return_token_ids": True}
         if p.stop:
             body["stop"] = list(p.stop)
         if p.seed is not None:
             body["seed"] = p.seed
-        text, finish, usage = "", None, None
+        if p.presence_penalty:
+            body["presence_penalty"] = p.presence_penalty
+        if p.frequency_penalty:
+            body["frequency_penalty"] = p.frequency_penalty
+        if p.logit_bias:
+            body["logit_bias"] = {str(tok): bias for tok, bias in p.logit_bias}
+        if p.logprobs:
+            body["logprobs"] = p.top_logprobs
+            body["return_tokens_as_token_ids"] = True
+        if p.guide is not None:
+            body["structured_outputs"] = structured_outputs(p.guide)
+        return body
+
+    def _logprobs(self, lp: dict | None, top_wanted: int) -> tuple[TokenLogprob, ...]:
+        """vLLM's completion-shaped logprobs (tokens as `token_id:N`) as TokenLogprobs."""
+        if not lp:
+            return ()
+        ids = [int(t.rsplit(":", 1)[1]) for t in lp["tokens"]]
+        tops = lp.get("top_logprobs") or [None] * len(ids)
+        out = []
+        for tok, value, top, offset in zip(ids, lp["token_logprobs"], tops, lp.get("text_offset") or [0] * len(ids)):
+            alts = sorted(((int(k.rsplit(":", 1)[1]), v) for k, v in (top or {}).items()), key=lambda a: -a[1])
+            alts = alts[:top_wanted]
+            out.append(token_logprob(self._token_texts, tok, float(value if value is not None else 0.0), alts,
+                                     offset))
+        return tuple(out)
+
+    async def _stream(self, prompt_ids: list[int], request: GenerationRequest, served: str,
+                      version: str | None) -> AsyncIterator[GenerationEvent]:
+        p = request.params
+        body = self._body(prompt_ids, p, served)
+        texts: dict[int, str] = {}
+        tokens: dict[int, int] = {}
+        lps: dict[int, list[TokenLogprob]] = {}
+        finish: dict[int, str] = {}
+        usage = None
         assert self._client is not None
         try:
             async with self._client.stream("POST", self.server.url + "/v1/completions", json=body) as r:
                 if r.status_code != 200:
                     detail = (await r.aread()).decode(errors="replace")[:500]
+                    if r.status_code == 400:
+                        raise InvalidParam(_vllm_param(detail), f"vLLM refused the request: {detail}")
                     raise EngineError(f"vLLM answered {r.status_code}: {detail}")
                 async for line in r.aiter_lines():
                     if not line.startswith("data:"):
@@ -180,17 +231,25 @@ class VllmEngine:
                     if "error" in chunk:
                         raise EngineError(f"vLLM: {chunk['error']}")
                     for choice in chunk.get("choices") or ():
-                        if choice.get("text"):
-                            text += choice["text"]
-                            yield TextDelta(choice["text"])
-                        finish = choice.get("finish_reason") or finish
+                        i = int(choice.get("index") or 0)
+                        tokens[i] = tokens.get(i, 0) + len(choice.get("token_ids") or ())
+                        got = self._logprobs(choice.get("logprobs"), p.top_logprobs) if p.logprobs else ()
+                        lps.setdefault(i, []).extend(got)
+                        if choice.get("text") or got:
+                            texts[i] = texts.get(i, "") + (choice.get("text") or "")
+                            yield TextDelta(choice.get("text") or "", i, got)
+                        if choice.get("finish_reason"):
+                            finish[i] = choice["finish_reason"]
                     usage = chunk.get("usage") or usage
         except httpx.HTTPError as e:
             raise EngineError(f"lost the vLLM server mid-request ({type(e).__name__}: {e})") from e
-        if finish is None or usage is None:
+        if len(finish) < p.n or usage is None:
             raise EngineError("the vLLM stream ended before the request finished")
-        yield Finished(text, "length" if finish == "length" else "stop", int(usage["prompt_tokens"]),
-                       int(usage["completion_tokens"]), version)
+        for i in range(p.n):
+            completion = tokens[i] if p.n > 1 or tokens.get(i) else int(usage["completion_tokens"])
+            yield Finished(texts.get(i, ""), "length" if finish[i] == "length" else "stop",
+                           int(usage["prompt_tokens"]), completion, version, i,
+                           tuple(lps.get(i, ())) if p.logprobs else None)
 
     # -- adapters -------------------------------------------------------------------------------------------------
     async def _post(self, path: str, body: dict) -> httpx.Response:
@@ -311,3 +370,26 @@ class VllmEngine:
                 await self.server.wake()
             finally:
                 self.paused = None
+
+
+def structured_outputs(guide: Guide) -> dict[str, Any]:
+    """A `Guide` as vLLM's `structured_outputs` (its own guided decoding): a JSON schema, or for text around the
+    JSON (a forced tool call) a structural tag that frames it."""
+    schema = guide.json_schema if guide.json_schema is not None else {"type": "object"}
+    if not guide.prefix and not guide.suffix:
+        return {"json": schema}
+    return {"structural_tag": json.dumps({
+        "type": "structural_tag",
+        "format": {"type": "sequence", "elements": [
+            {"type": "const_string", "value": guide.prefix},
+            {"type": "json_schema", "json_schema": schema},
+            {"type": "const_string", "value": guide.suffix}]}})}
+
+
+def _vllm_param(detail: str) -> str:
+    """Which request field a vLLM 400 is about (its message names it), for the daemon's own 400."""
+    for name in ("logit_bias", "logprobs", "seed", "presence_penalty", "frequency_penalty", "n", "top_p",
+                 "temperature", "response_format", "stop"):
+        if name in detail:
+            return name
+    return "messages"
