@@ -99,6 +99,10 @@ def logged_params(params: SamplingParams, choices: tuple[Choice, ...]) -> dict:
         out.update(presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
     if params.logit_bias:
         out["logit_bias"] = {str(k): v for k, v in params.logit_bias}
+    if params.guide is not None and params.guide.param == "response_format":
+        g = params.guide
+        out["response_format"] = ({"type": "json_object"} if g.json_schema is None else
+                                  {"type": "json_schema", "json_schema": {"schema": g.json_schema}})
     if params.n > 1:
         out["n"] = params.n
         out["choices"] = [{"text": c.text, "finish_reason": c.finish_reason} for c in choices[1:]]

@@ -14,6 +14,7 @@ import pytest
 from sloth_daemon.engine.base import (
     Finished,
     GenerationRequest,
+    Guide,
     InvalidParam,
     RequestTooLong,
     SamplingParams,
@@ -177,8 +178,8 @@ class EngineContract:
             assert len(t.top) == 3 and t.logprob <= 0
             assert t.top[0].token == t.token and abs(t.top[0].logprob - t.logprob) < 1e-4  # greedy: the argmax
             assert t.top[0].logprob >= t.top[1].logprob >= t.top[2].logprob
-        assert [t.text_offset for t in final.logprobs] == [len(final.text[:0])] + [
-            sum(len(x.token) for x in final.logprobs[:i]) for i in range(1, len(final.logprobs))]
+        assert [t.text_offset for t in final.logprobs] == [
+            sum(len(x.token) for x in final.logprobs[:i]) for i in range(len(final.logprobs))]
 
     def test_tiny_temperature_and_top_p_are_greedy_not_a_crash(self, engine):
         greedy = run(collect(engine, chat("Hello", SamplingParams(max_tokens=8, temperature=0))))[0]
@@ -189,3 +190,15 @@ class EngineContract:
             assert final.completion_tokens > 0
             if params.temperature < 1 or params.top_p < 1e-300:
                 assert text == greedy or params.temperature == 0.7
+
+    def test_guided_json_follows_the_schema(self, engine):
+        import json
+
+        schema = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}, "windy": {
+            "type": "boolean"}}, "required": ["unit", "windy"], "additionalProperties": False}
+        for seed in (1, 2):
+            params = SamplingParams(max_tokens=48, temperature=1.0, seed=seed, guide=Guide(schema))
+            text, final = run(collect(engine, chat("Weather?", params)))
+            value = json.loads(text)
+            assert value["unit"] in ("celsius", "fahrenheit") and isinstance(value["windy"], bool)
+            assert final.finish_reason == "stop"

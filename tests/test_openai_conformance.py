@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 
+from typing import Literal
+
 import httpx
 import pytest
 from openai import OpenAI
+from pydantic import BaseModel
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -167,8 +170,46 @@ def test_streamed_chat_chunks_validate_and_end_with_every_finish(http):
     events = stream(http, "/v1/chat/completions", body)
     finishes = {c["index"]: c["finish_reason"] for ev in events for c in ev["choices"] if c["finish_reason"]}
     assert sorted(finishes) == [0, 1, 2]
-    plain = chat(http, **{k: v for k, v in body.items() if k not in ("model", "messages")})
+    plain = chat(http, **{k: v for k, v in body.items() if k != "model"})
     assert texts_by_index(events, chat_shape=True) == {c.index: c.message.content for c in plain.choices}
+
+
+# -- response_format (structured generation) ------------------------------------------------------------------------
+class Weather(BaseModel):
+    unit: Literal["celsius", "fahrenheit"]
+    windy: bool
+
+
+def test_parse_with_a_pydantic_model(client):
+    for seed, temperature in ((0, 0.0), (1, 1.0), (2, 1.0)):
+        r = client.chat.completions.parse(model=MODEL, messages=messages("Weather?"), response_format=Weather,
+                                          max_tokens=48, temperature=temperature, seed=seed)
+        ChatCompletion.model_validate(r.model_dump(exclude={"choices": {0: {"message": {"parsed"}}}}))
+        assert isinstance(r.choices[0].message.parsed, Weather), r.choices[0].message.content
+
+
+def test_json_object_plain_and_streamed(http):
+    body = {"model": MODEL, "messages": messages("What is sloth-daemon?"), "max_tokens": 48, "temperature": 0,
+            "response_format": {"type": "json_object"}}
+    r = chat(http, **{k: v for k, v in body.items() if k != "model"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict) and r.choices[0].finish_reason == "stop"
+    events = stream(http, "/v1/chat/completions", body)
+    assert texts_by_index(events, chat_shape=True) == {0: r.choices[0].message.content}
+    text = chat(http, response_format={"type": "text"}, temperature=0).choices[0].message.content
+    assert text == chat(http, temperature=0).choices[0].message.content
+
+
+@pytest.mark.parametrize("fmt", [
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                    "properties": {"a": {"type": "nonsense"}}}}},
+    {"type": "json_schema"},
+    {"type": "xml"},
+    {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}},
+])
+def test_bad_response_formats_are_400(http, fmt):
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages(), "response_format": fmt})
+    assert r.json()["error"]["param"].startswith("response_format"), r.text
+    assert_400(r, r.json()["error"]["param"])
 
 
 # -- null, strict types and ranges --------------------------------------------------------------------------------
@@ -244,3 +285,6 @@ def test_the_same_fields_over_zeromq(zmq_client, http):
     with pytest.raises(SlothError) as e:
         zmq_client.chat("Hello", temperature=True)
     assert e.value.param == "temperature"
+    j = zmq_client.chat("Weather?", max_tokens=48, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "w", "schema": Weather.model_json_schema()}})
+    assert Weather.model_validate_json(j.text)

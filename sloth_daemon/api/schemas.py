@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config import GenerationConfig
-from ..engine.base import SamplingParams
+from ..engine.base import Guide, SamplingParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 16
@@ -59,6 +59,32 @@ class ChatMessage(_Lenient):
                 raise ValueError(f"only text content parts are supported, got type {part.get('type')!r}")
             parts.append(part["text"])
         return "".join(parts)
+
+
+class JsonSchemaFormat(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+    def guide(self) -> Guide | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return Guide(None)
+        assert self.json_schema is not None
+        return Guide(self.json_schema.schema_ or {})
 
 
 class _SamplingFields(_Request):
@@ -106,6 +132,9 @@ class _SamplingFields(_Request):
     def _logprobs(self) -> tuple[bool, int]:
         return False, 0
 
+    def _guide(self) -> Guide | None:
+        return None
+
     def sampling(self, defaults: GenerationConfig, max_tokens: int | None = None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         logprobs, top = self._logprobs()
@@ -121,6 +150,7 @@ class _SamplingFields(_Request):
             logprobs=logprobs,
             top_logprobs=top,
             n=self.n or 1,
+            guide=self._guide(),
         )
 
 
@@ -137,6 +167,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -146,6 +177,9 @@ class ChatCompletionRequest(_SamplingFields):
 
     def _logprobs(self) -> tuple[bool, int]:
         return bool(self.logprobs), self.top_logprobs or 0
+
+    def _guide(self) -> Guide | None:
+        return self.response_format.guide() if self.response_format else None
 
     def prompt(self) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]

@@ -41,6 +41,7 @@ class Guide:
     json_schema: dict | None = None
     prefix: str = ""
     suffix: str = ""
+    param: str = "response_format"  # the request field an unusable schema is reported against
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from .base import (
     TextDelta,
     TokenLogprob,
 )
+from .guides import GuideCompiler
 from .logprobs import TokenTexts, token_logprob
 from .sampling import ChoiceSampler
 from .stop_strings import StopStrings
@@ -112,6 +113,7 @@ class EmbeddedEngine:
             if eos is None:
                 eos = self._tokenizer.eos_token_id
             self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+            self._guides = GuideCompiler(self._tokenizer, self.vocab_size, self._eos_ids)
             # transformers renamed `past_key_values` to `cache` in 5.2x; speak whichever this version takes.
             params = inspect.signature(self._model.forward).parameters
             self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -248,8 +250,8 @@ class EmbeddedEngine:
         if bad:
             raise InvalidParam("logit_bias", f"logit_bias: token id {bad[0]} is not in the model's vocabulary "
                                              f"(0-{self.vocab_size - 1})")
-        if request.params.guide is not None and self._guides is None:
-            raise InvalidParam("response_format", "structured generation is not available on this engine")
+        if request.params.guide is not None:
+            self._guides.check(request.params.guide)
         n = len(encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt)))
         if n + request.params.max_tokens > self.max_model_len:
             raise RequestTooLong(

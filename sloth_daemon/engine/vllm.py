@@ -190,18 +190,19 @@ class VllmEngine:
             body["structured_outputs"] = structured_outputs(p.guide)
         return body
 
-    def _logprobs(self, lp: dict | None, top_wanted: int) -> tuple[TokenLogprob, ...]:
-        """vLLM's completion-shaped logprobs (tokens as `token_id:N`) as TokenLogprobs."""
+    def _logprobs(self, lp: dict | None, top_wanted: int, offset: int) -> tuple[TokenLogprob, ...]:
+        """vLLM's completion-shaped logprobs (tokens as `token_id:N`) as TokenLogprobs; offsets count from the
+        choice's first character (`offset`: the characters before this chunk; vLLM's own count from the prompt)."""
         if not lp:
             return ()
         ids = [int(t.rsplit(":", 1)[1]) for t in lp["tokens"]]
         tops = lp.get("top_logprobs") or [None] * len(ids)
         out = []
-        for tok, value, top, offset in zip(ids, lp["token_logprobs"], tops, lp.get("text_offset") or [0] * len(ids)):
+        for tok, value, top in zip(ids, lp["token_logprobs"], tops):
             alts = sorted(((int(k.rsplit(":", 1)[1]), v) for k, v in (top or {}).items()), key=lambda a: -a[1])
-            alts = alts[:top_wanted]
-            out.append(token_logprob(self._token_texts, tok, float(value if value is not None else 0.0), alts,
-                                     offset))
+            out.append(token_logprob(self._token_texts, tok, float(value if value is not None else 0.0),
+                                     alts[:top_wanted], offset))
+            offset += len(out[-1].token)
         return tuple(out)
 
     async def _stream(self, prompt_ids: list[int], request: GenerationRequest, served: str,
@@ -233,7 +234,8 @@ class VllmEngine:
                     for choice in chunk.get("choices") or ():
                         i = int(choice.get("index") or 0)
                         tokens[i] = tokens.get(i, 0) + len(choice.get("token_ids") or ())
-                        got = self._logprobs(choice.get("logprobs"), p.top_logprobs) if p.logprobs else ()
+                        got = self._logprobs(choice.get("logprobs"), p.top_logprobs,
+                                             sum(len(t.token) for t in lps.get(i, ()))) if p.logprobs else ()
                         lps.setdefault(i, []).extend(got)
                         if choice.get("text") or got:
                             texts[i] = texts.get(i, "") + (choice.get("text") or "")
