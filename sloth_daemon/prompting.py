@@ -1,8 +1,9 @@
 """Turning prompts and training examples into tokens, the same way for serving and for training.
 
 Contract:
-- `render_prompt(tokenizer, kind, prompt)` is the text the model continues: the chat template with the generation
-  prompt for chat messages, the raw string for completions.
+- `render_prompt(tokenizer, kind, prompt, tools=None)` is the text the model continues: the chat template with the
+  generation prompt for chat messages (and the OpenAI `tools` given to the template; assistant tool calls reach it
+  with object arguments, `tool_calls.to_template_messages`), the raw string for completions.
 - `encode_example(tokenizer, kind, prompt, answer, max_len)` returns `(input_ids, labels)` where labels are -100 on
   prompt tokens, so the loss covers the answer (and the end-of-turn token that teaches the model to stop) only.
   Documents (`kind="document"`) are trained on every token. Over-long examples keep the answer's start and cut the
@@ -13,12 +14,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from .tool_calls import to_template_messages
+
 IGNORE_INDEX = -100
 
 
-def render_prompt(tokenizer: Any, kind: str, prompt: Any) -> str:
+def render_prompt(tokenizer: Any, kind: str, prompt: Any, tools: list[dict] | None = None) -> str:
     if kind == "chat":
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        extra = {"tools": tools} if tools else {}
+        return tokenizer.apply_chat_template(to_template_messages(prompt), add_generation_prompt=True,
+                                             tokenize=False, **extra)
     if not isinstance(prompt, str):
         raise TypeError("a completion prompt must be a string")
     return prompt

@@ -1,13 +1,13 @@
 """OpenAI conformance: the running daemon over real HTTP with the official `openai` client, through every request
 field the API honours, plain and streaming; every response and every chunk is validated against the client's own
 pydantic types (the client itself builds them without validation). The same fields through ZeroMQ
-(`sloth_daemon.client`). One daemon for the module, small `max_tokens`.
+(`sloth_daemon.client`). One daemon for the module, serving a sloth-tiny copy with a Hermes-style tool-aware chat
+template (`tests/tool_model.py`; without tools it renders sloth-tiny's own format), small `max_tokens`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 
 from typing import Literal
 
@@ -22,6 +22,7 @@ from sloth_daemon.api.zmq_protocol import resolve_addresses
 from sloth_daemon.client import SlothClient, SlothError
 
 from .daemon_proc import DaemonProcess
+from .tool_model import HERMES_TEMPLATE, with_template
 
 MODEL = "sloth-tiny"
 Z = ord("Z")  # sloth-tiny's byte-level tokenizer: token id == byte value
@@ -29,9 +30,10 @@ Z = ord("Z")  # sloth-tiny's byte-level tokenizer: token id == byte value
 
 @pytest.fixture(scope="module")
 def daemon(tiny_model, tmp_path_factory):
-    state = tmp_path_factory.mktemp("conformance") / "state"
-    shutil.copytree(tiny_model, state / "models" / tiny_model.name)
-    d = DaemonProcess(state, env={"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_ANCHORS_ENABLED": "false"}).start()
+    root = tmp_path_factory.mktemp("conformance")
+    model = with_template(tiny_model, root / "hermes" / MODEL, HERMES_TEMPLATE)
+    d = DaemonProcess(root / "state", env={"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_ANCHORS_ENABLED": "false"},
+                      args=["--model", str(model)]).start()
     yield d
     d.stop()
 
@@ -212,6 +214,102 @@ def test_bad_response_formats_are_400(http, fmt):
     assert_400(r, r.json()["error"]["param"])
 
 
+# -- tools ---------------------------------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the forecast", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["unit", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["utc", "local"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def assert_weather_call(call) -> dict:
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    assert args["unit"] in ("celsius", "fahrenheit") and 1 <= args["days"] <= 7
+    return args
+
+
+def test_forced_tool_call_plain_and_streamed(client, http):
+    fields = dict(model=MODEL, messages=messages("Weather in Paris?"), tools=[WEATHER, TIME], max_tokens=96,
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0)
+    raw = client.chat.completions.with_raw_response.create(**fields)
+    r = ChatCompletion.model_validate(raw.http_response.json())
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    args = assert_weather_call(choice.message.tool_calls[0])
+    chunks = list(client.chat.completions.create(**fields, stream=True))
+    calls: dict[int, dict] = {}
+    for ch in chunks:
+        ChatCompletionChunk.model_validate(ch.model_dump())
+        for c in ch.choices:
+            for d in c.delta.tool_calls or ():
+                slot = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                slot["name"] += d.function.name or ""
+                slot["arguments"] += d.function.arguments or ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert calls == {0: {"name": "get_weather", "arguments": choice.message.tool_calls[0].function.arguments}}
+    row = http.get("/sloth/interactions", params={"limit": 2}).json()["data"]
+    logged = next(x for x in row if x["id"] == r.id)
+    assert logged["params"]["tools"][0]["function"]["name"] == "get_weather"
+    assert logged["params"]["tool_choice"] == "get_weather" and logged["finish_reason"] == "tool_calls"
+    assert json.loads(logged["params"]["tool_calls"][0]["function"]["arguments"]) == args
+
+
+def test_required_tool_choice_calls_one_of_the_tools(client):
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(model=MODEL, messages=messages("What now?"), tools=[WEATHER, TIME],
+                                           tool_choice="required", max_tokens=96, temperature=1.0, seed=seed)
+        ChatCompletion.model_validate(r.model_dump())
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name in ("get_weather", "get_time") and r.choices[0].finish_reason == "tool_calls"
+        json.loads(call.function.arguments)
+
+
+def test_tool_results_in_the_history(client, http):
+    history = [*messages("Weather in Paris?"),
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": "{\"unit\": \"celsius\", \"days\": 1}"}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=8, temperature=0)
+    ChatCompletion.model_validate(r.model_dump())
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    logged = http.get("/sloth/interactions", params={"limit": 1}).json()["data"][0]
+    assert logged["id"] == r.id
+    assert logged["prompt"][1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert logged["prompt"][2] == {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "call_1"}
+    # the history changes the prompt: without the tool turns the model sees something else
+    plain = client.chat.completions.create(model=MODEL, messages=messages("Weather in Paris?"), tools=[WEATHER],
+                                           max_tokens=8, temperature=0)
+    assert plain.usage.prompt_tokens < r.usage.prompt_tokens
+
+
+def test_auto_and_none_tool_choice_answer_in_text(client):
+    for choice in ("auto", "none"):
+        r = client.chat.completions.create(model=MODEL, messages=messages("What is sloth-daemon?"),
+                                           tools=[WEATHER], tool_choice=choice, max_tokens=12, temperature=0)
+        ChatCompletion.model_validate(r.model_dump())
+        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("patch,param", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+])
+def test_bad_tool_requests_are_400(http, patch, param):
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages(), "max_tokens": 4, **patch})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] is not None and r.json()["error"]["param"].startswith(param), r.text
+
+
 # -- null, strict types and ranges --------------------------------------------------------------------------------
 def test_null_means_the_default(http):
     nulls = {k: None for k in ("n", "stream", "store", "temperature", "top_p", "seed", "stop", "presence_penalty",
@@ -285,6 +383,8 @@ def test_the_same_fields_over_zeromq(zmq_client, http):
     with pytest.raises(SlothError) as e:
         zmq_client.chat("Hello", temperature=True)
     assert e.value.param == "temperature"
+    t = zmq_client.chat("Weather?", max_tokens=96, temperature=0, tools=[WEATHER], tool_choice="required")
+    assert t.finish_reason == "tool_calls" and t.choices[0]["tool_calls"][0]["function"]["name"] == "get_weather"
     j = zmq_client.chat("Weather?", max_tokens=48, temperature=0, response_format={
         "type": "json_schema", "json_schema": {"name": "w", "schema": Weather.model_json_schema()}})
     assert Weather.model_validate_json(j.text)

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine.base import TextDelta
 from ..engine.logprobs import chat_logprobs, completion_logprobs
 from ..operations import OpError, Operations, Turn, usage, validation_error
-from ..turns import TurnDone, new_turn_id
+from ..turns import Choice, TurnDone, new_turn_id
 from .auth import bearer_key_matches
 from .errors import APIError
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
@@ -93,6 +93,12 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     def _extra(done: TurnDone) -> dict:
         return {"adapter_version": done.adapter_version, "logged": done.logged}
 
+    def _message(c: Choice) -> dict:
+        message: dict[str, Any] = {"role": "assistant", "content": c.message_content}
+        if c.tool_calls:
+            message["tool_calls"] = list(c.tool_calls)
+        return message
+
     def _logprobs(kind: str, tokens: Any) -> dict | None:
         if tokens is None:
             return None
@@ -123,6 +129,12 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
                     yield _sse(chunk(ev.index, {"content": ev.text} if kind == "chat" else ev.text, None,
                                      ev.logprobs))
                 elif isinstance(ev, TurnDone):
+                    if turn.tool_use is not None and turn.tool_use.parses:  # held back until parsed: send now
+                        for c in ev.choices:
+                            delta: dict[str, Any] = {"content": c.message_content}
+                            if c.tool_calls:
+                                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(c.tool_calls)]
+                            yield _sse(chunk(c.index, delta, None, c.logprobs))
                     for c in ev.choices:
                         yield _sse(chunk(c.index, {} if kind == "chat" else "", c.finish_reason, sloth=_extra(ev)))
                     if include_usage:
@@ -140,9 +152,8 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
         done = await ops.collect(turn, transport="http")
         return {
             "id": done.id, "object": "chat.completion", "created": int(time.time()), "model": ops.model_name,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": c.finish_reason, "logprobs": _logprobs("chat", c.logprobs)}
-                        for c in done.choices],
+            "choices": [{"index": c.index, "message": _message(c), "finish_reason": c.finish_reason,
+                         "logprobs": _logprobs("chat", c.logprobs)} for c in done.choices],
             "usage": usage(done), "sloth": _extra(done),
         }
 

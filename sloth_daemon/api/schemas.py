@@ -42,9 +42,45 @@ class StreamOptions(_Lenient):
     include_usage: bool | None = False
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+
+
+class FunctionCall(_Lenient):
+    name: FunctionName
+    arguments: str = Field(description="the arguments as a JSON string, as the OpenAI API sends them")
+
+
+class MessageToolCall(_Lenient):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = ""
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def as_dict(self) -> dict:
+        """The message as the chat template and the replay store take it (OpenAI shape, unset fields left out)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name:
+            out["name"] = self.name
+        return out
 
     @field_validator("content")
     @classmethod
@@ -85,6 +121,30 @@ class ResponseFormat(_Lenient):
             return Guide(None)
         assert self.json_schema is not None
         return Guide(self.json_schema.schema_ or {})
+
+
+class FunctionDefinition(_Lenient):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: dict[str, FunctionName]
+
+    @field_validator("function")
+    @classmethod
+    def _has_name(cls, v: dict) -> dict:
+        if set(v) != {"name"}:
+            raise ValueError("give the tool as {\"name\": ...}")
+        return v
 
 
 class _SamplingFields(_Request):
@@ -168,6 +228,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -182,7 +245,17 @@ class ChatCompletionRequest(_SamplingFields):
         return self.response_format.guide() if self.response_format else None
 
     def prompt(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+        return [m.as_dict() for m in self.messages]
+
+    def tool_dicts(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def tool_choice_name(self) -> str:
+        """"none", "auto", "required", or the forced tool's name; OpenAI's default: auto with tools, else none."""
+        choice = self.tool_choice
+        if choice is None:
+            return "auto" if self.tools else "none"
+        return choice if isinstance(choice, str) else choice.function["name"]
 
 
 class CompletionRequest(_SamplingFields):

@@ -445,7 +445,8 @@ class ZmqServer:
 def _choices(op: str, done: TurnDone) -> list[dict]:
     """Every choice of a finished turn (`n` > 1), with its logprobs in the HTTP API's shape when asked for."""
     shape = chat_logprobs if op == "chat" else completion_logprobs
-    return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+    return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "content": c.message_content,
+             "tool_calls": list(c.tool_calls) or None,
              "logprobs": None if c.logprobs is None else shape(c.logprobs)} for c in done.choices]
 
 

@@ -74,9 +74,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """`tools`: OpenAI tool definitions the chat template renders into the prompt (None: no tools)."""
+
     kind: Literal["chat", "completion"]
     prompt: Prompt
     params: SamplingParams = field(default_factory=SamplingParams)
+    tools: list[dict] | None = None
 
 
 @dataclass(frozen=True)

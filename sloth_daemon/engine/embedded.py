@@ -94,7 +94,8 @@ class EmbeddedEngine:
         self._pins_changed = asyncio.Condition()
         self.max_model_len = 2048
         self.vocab_size = 0
-        self._guides: Any = None  # structured generation (engine/guides.py), built at start
+        self._guide_compiler: GuideCompiler | None = None  # structured generation, built at first use
+        self._guide_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,7 +114,6 @@ class EmbeddedEngine:
             if eos is None:
                 eos = self._tokenizer.eos_token_id
             self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-            self._guides = GuideCompiler(self._tokenizer, self.vocab_size, self._eos_ids)
             # transformers renamed `past_key_values` to `cache` in 5.2x; speak whichever this version takes.
             params = inspect.signature(self._model.forward).parameters
             self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -141,6 +141,14 @@ class EmbeddedEngine:
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    @property
+    def _guides(self) -> GuideCompiler:
+        """Built at the first guided request, not at start: importing xgrammar takes seconds (triton and its FFI)."""
+        with self._guide_lock:
+            if self._guide_compiler is None:
+                self._guide_compiler = GuideCompiler(self._tokenizer, self.vocab_size, self._eos_ids)
+            return self._guide_compiler
 
     # -- the worker -------------------------------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -252,7 +260,7 @@ class EmbeddedEngine:
                                              f"(0-{self.vocab_size - 1})")
         if request.params.guide is not None:
             self._guides.check(request.params.guide)
-        n = len(encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt)))
+        n = len(encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt, request.tools)))
         if n + request.params.max_tokens > self.max_model_len:
             raise RequestTooLong(
                 f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds the model's context "
@@ -261,7 +269,7 @@ class EmbeddedEngine:
         return n
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        prompt_ids = encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt))
+        prompt_ids = encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt, request.tools))
         self.validate(request)
         adapter = self._current  # pinned now: a swap after this point does not change this request
         self._pins[adapter] = self._pins.get(adapter, 0) + 1

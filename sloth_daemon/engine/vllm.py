@@ -126,7 +126,7 @@ class VllmEngine:
 
     # -- requests -------------------------------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        return encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt))
+        return encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt, request.tools))
 
     def _check_len(self, n: int, request: GenerationRequest) -> None:
         if n + request.params.max_tokens > self.max_model_len:
