@@ -33,6 +33,9 @@ subprocess so that peak memory is its own:
   `ours_offload`: `patch_model(model, offload=True)` (checkpointed layer inputs on pinned host memory, the daemon's
   default). Both run with `PYTORCH_ALLOC_CONF=expandable_segments:True`, as the daemon's trainer does (and as
   Unsloth sets at import).
+- `ours_graph`, `ours_offload_graph`: the same, each step through `sloth_kernels.graph_step.GraphedStep` (the
+  whole step, optimizer included, captured once as a CUDA graph after `--warmup` - 1 eager steps and replayed;
+  AdamW with `capturable=True`). The capture and its first replay fall in the warm-up steps.
 - `liger`: `liger_kernel.transformers.apply_liger_kernel_to_<family>()` (RoPE, RMSNorm, SwiGLU, fused linear CE)
   before the model is built, then the hf_bf16 recipe. Skipped when liger_kernel is not importable.
 - `unsloth`: `unsloth.FastLanguageModel` loading the same random weights (saved once per model shape as a bf16
@@ -65,7 +68,7 @@ from sloth_kernels.allocator import with_expandable_segments
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = ("hf", "hf_bf16", "ours", "ours_offload", "liger", "unsloth")
+CONFIGS = ("hf", "hf_bf16", "ours", "ours_offload", "ours_graph", "ours_offload_graph", "liger", "unsloth")
 DEFAULT_CONFIGS = "ours_offload,ours,unsloth,hf_bf16"
 PEERS = {"liger": "liger_kernel", "unsloth": "unsloth"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -259,11 +262,11 @@ def prepare(name: str, args):
     elif name in ("hf_bf16", "liger"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = lora(model, rank)
-    elif name in ("ours", "ours_offload"):
+    elif name.startswith("ours"):
         from sloth_kernels.patch import patch_model
 
         model = lora(model, rank)
-        report = patch_model(model, force=True, offload=name == "ours_offload")
+        report = patch_model(model, force=True, offload=name.startswith("ours_offload"))
         notes["patch"] = str(report)
     else:
         raise ValueError(f"unknown configuration {name!r}")
@@ -289,8 +292,13 @@ def train(model, data, args, device) -> dict:
 
     shape = step_shape(args)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR)
+    graphed = args.worker.endswith("_graph") and device == "cuda"
+    opt = torch.optim.AdamW(params, lr=LR, capturable=graphed)
     model.train()
+    if graphed:
+        from sloth_kernels.graph_step import GraphedStep
+
+        graph_step = GraphedStep(model, opt, warmup_steps=max(1, args.warmup - 1))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         sync()
@@ -301,21 +309,27 @@ def train(model, data, args, device) -> dict:
         batch = data[step % len(data)]
         sync()
         t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if graphed:
+            loss = graph_step(**batch)
+        else:
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
         print(f"step {step}: loss {losses[-1]:.5f} time {times[-1]:.3f}s", flush=True)
-    if args.profile and device == "cuda":
+    if args.profile and device == "cuda" and not graphed:
         profile_step(model, opt, data[0], args)
-    if args.cprofile:
+    if args.cprofile and not graphed:
         cprofile_steps(model, opt, data[0], args, sync)
     step_s = statistics.median(times[args.warmup:])
     out = {"tokens_per_s": shape.batch * shape.seq / step_s, "step_s": step_s, "step_times": times,
            "losses": losses, "trainable_params": sum(p.numel() for p in params)}
+    if graphed:
+        out["graph_fallbacks"] = [str(reason) for reason in graph_step.fallbacks.values()]
+        out["graphs"] = len(graph_step.graphs)
     if device == "cuda":
         out.update(peak_gb=torch.cuda.max_memory_allocated() / 2**30, held_gb=held / 2**30,
                    reserved_gb=torch.cuda.max_memory_reserved() / 2**30)

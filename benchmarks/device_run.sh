@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (the `device` tool; see docs/gpu-notes.md), run from the repo root with `.whl` carried:
-#   bash benchmarks/device_run.sh            # the whole QLoRA step comparison, then the CUDA kernel tests
-#   CONFIGS=ours_offload,hf STEPS=5 TESTS=0 bash benchmarks/device_run.sh
-#   CONFIGS=hf,ours STEPS=1 WARMUP=1 TESTS=0 EXTRA_ARGS=--tiny SITE=/tmp/site-test bash benchmarks/device_run.sh  # plumbing, CPU
+#   bash benchmarks/device_run.sh            # every shape, ours vs Unsloth vs HF+PEFT bf16, then the CUDA kernel tests
+#   SHAPES=llama8b-2k CONFIGS=ours_offload,unsloth STEPS=5 TESTS=0 bash benchmarks/device_run.sh
+#   TEST_FILES="tests/kernels/test_graph_step.py" SHAPES= bash benchmarks/device_run.sh   # tests only
+#   SHAPES=llama8b-2k CONFIGS=hf_bf16,ours STEPS=1 WARMUP=1 TESTS=0 EXTRA_ARGS=--tiny SITE=/tmp/site-test \
+#       bash benchmarks/device_run.sh                                                        # plumbing, CPU
 # Installs the carried wheels (bitsandbytes; liger-kernel/unsloth with `device-wheels --peers`) into /tmp/site,
 # makes `sloth_kernels` importable, and leaves at most three files under $OUT (the tool brings back eight at most):
 # qlora_step.json, tests.txt, bench.tgz (per-configuration logs, and profiles when PROFILE=1).
@@ -12,15 +14,22 @@ mkdir -p "$OUT" /tmp/bench /tmp/alias
 SITE=${SITE:-/tmp/site}
 python3 -m pip install -q --no-deps --no-index --target "$SITE" .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed"
 ln -sfn "$PWD/kernels" /tmp/alias/sloth_kernels
-export PYTHONPATH=$SITE:/tmp/alias:$PWD
+export PYTHONPATH=$SITE:/tmp/alias:$PWD PYTHONUNBUFFERED=1
+if [ "${TESTS:-1}" = 1 ]; then  # first: a kernel that fails its CUDA tests makes the figures below moot
+    # shellcheck disable=SC2086
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q ${TEST_FILES:-tests/kernels} -k cuda -p no:cacheprovider \
+        2>&1 | tail -"${TEST_TAIL:-8}" | tee "$OUT/tests.txt"
+fi
 # shellcheck disable=SC2206
 extra=(${EXTRA_ARGS:-})
 if [ "${PROFILE:-0}" = 1 ]; then extra+=(--profile /tmp/bench/profile); fi
-python3 -m benchmarks.bench_qlora_step --configs "${CONFIGS:-ours_offload,hf,ours,unsloth,hf_bf16,liger}" \
-    --steps "${STEPS:-10}" --warmup "${WARMUP:-3}" --timeout "${CONFIG_TIMEOUT:-150}" \
-    --out "$OUT/qlora_step.json" --logdir /tmp/bench/logs "${extra[@]}" 2>&1 | grep -v Warning | tail -14
-if [ "${TESTS:-1}" = 1 ]; then
-    timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q tests/kernels -k cuda -p no:cacheprovider 2>&1 | tail -5 \
-        | tee "$OUT/tests.txt"
+SHAPES=${SHAPES-llama8b-2k,daemon-packed,llama3b-4k,qwen7b-4k,llama8b-16k}
+if [ -n "$SHAPES" ]; then
+    python3 -m benchmarks.bench_qlora_step --shape "$SHAPES" \
+        --configs "${CONFIGS:-ours_offload,ours_offload_graph,unsloth,hf_bf16}" \
+        --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --timeout "${CONFIG_TIMEOUT:-240}" \
+        --out "$OUT/qlora_step.json" --logdir /tmp/bench/logs "${extra[@]}" 2>&1 | grep -v Warning \
+        | grep "bench_qlora_step\|failed\|Error\|error" | cut -c1-400
+    python3 -m benchmarks.bench_qlora_step --markdown "$OUT/qlora_step.json"
 fi
 tar czf "$OUT/bench.tgz" -C /tmp/bench .

@@ -17,7 +17,12 @@ What is kept per layer between forward and backward (the memory contract):
   tensor. In the backward, when a layer starts its recompute it waits for its own input (already on its way) and
   starts the host-to-device copy of the layer before it (the next one the backward reaches), so the copy overlaps
   the recompute and backward of the current layer. Device memory then holds at most two layer inputs at a time.
+  The streams meet through events only (the compute stream waits for a layer's device-to-host copy at the end of
+  that layer's forward), and the pinned host buffers are reused from step to step, so a step with offload can be
+  captured in a CUDA graph once a warm-up step of the same shape has run (`sloth_kernels.graph_step`).
   On CPU tensors there is nothing to offload to: `offload=True` is plain recompute.
+- RNG: the CPU and CUDA RNG states are saved and restored around the re-run, except under CUDA graph capture,
+  where they cannot be read (the recipes patched here run no dropout).
 - during the backward, one layer's activations exist at a time (the re-run), as with any checkpointing.
 
 `enable_checkpointing(model, offload=False)` checkpoints every decoder layer of a Hugging Face causal LM
@@ -32,8 +37,8 @@ that runs it), False otherwise. Ops use it to skip work whose value only the fir
 the down projection's GEMM in a re-run when the layer adds the MLP output straight to the residual (autograd needs
 that node and its saved inputs, not its output: nothing after it saves a tensor for the backward).
 
-`offload_stats()` / `reset_offload_stats()` count what the offload did (tensors, bytes, pinned buffers, fetches,
-fetches that were prefetched ahead), for tests and benchmarks.
+`offload_stats()` / `reset_offload_stats()` count what the offload did (tensors, bytes, pinned buffers allocated,
+fetches, fetches that were prefetched ahead), for tests and benchmarks.
 """
 
 import contextvars
@@ -88,7 +93,9 @@ def offload_stats() -> dict[str, int]:
 
 
 def reset_offload_stats() -> None:
+    """Zero the counters and drop the pooled pinned buffers (the next offloads allocate, and count, anew)."""
     _stats.update(dict.fromkeys(_STAT_KEYS, 0))
+    _host_buffers.clear()
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -97,6 +104,46 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device)
     return _side_streams[device]
+
+
+class _HostBuffers:
+    """Pinned host buffers for offloaded inputs, kept and reused by shape and dtype.
+
+    Reused rather than allocated per layer and step: a training step then allocates no pinned memory once warm,
+    which is what lets a step with offload be captured in a CUDA graph (`sloth_kernels.graph_step`; pinned
+    allocation is not allowed during capture), and saves the host allocator's bookkeeping per layer. A buffer is
+    taken in the forward and given back when its input holder is freed (after the layer's backward); every copy that
+    reads or writes these buffers runs on the one side stream, in issue order, so a buffer given back cannot be
+    overwritten before the copy that reads it.
+    """
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype)
+        with self.lock:
+            bucket = self.free.get(key)
+            if bucket:
+                return bucket.pop()
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("offload under CUDA graph capture needs its pinned buffers from a warm-up step "
+                               f"of the same shape ({tuple(x.shape)} {x.dtype})")
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        _stats["pinned"] += int(buf.is_pinned())
+        return buf
+
+    def give_back(self, buf: torch.Tensor) -> None:
+        with self.lock:
+            self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+
+
+_host_buffers = _HostBuffers()
 
 
 class _OffloadedInput:
@@ -108,14 +155,15 @@ class _OffloadedInput:
         self.forward_value: torch.Tensor | None = x  # what the first (forward) run computes with
         self.prefetched: torch.Tensor | None = None
         self.ready: "torch.cuda.Event | None" = None
+        self.copied: "torch.cuda.Event | None" = None
         if x.is_cuda:
             stream = _side_stream(x.device)
-            self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            self.host = _host_buffers.take(x)
             stream.wait_stream(torch.cuda.current_stream(x.device))  # x is produced on the compute stream
             with torch.cuda.stream(stream):
                 self.host.copy_(x.detach(), non_blocking=True)
-            x.record_stream(stream)  # the allocator must not hand x's memory out before the copy has read it
-            _stats["pinned"] += int(self.host.is_pinned())
+                self.copied = torch.cuda.Event()
+                self.copied.record(stream)
         else:
             self.host = x.detach().clone()
         _stats["offloaded"] += 1
@@ -124,7 +172,19 @@ class _OffloadedInput:
         self.previous = previous  # weakref to the input offloaded before this one (the layer before)
         _local.last = weakref.ref(self)
 
+    def __del__(self):
+        # The host buffer goes back for the next offload once this input is gone (after its layer's backward): every
+        # later copy into it runs on the same side stream, after the copies that read it.
+        if getattr(self, "host", None) is not None and self.device.type == "cuda":
+            _host_buffers.give_back(self.host)
+
     def forward_done(self) -> None:
+        if self.copied is not None:
+            # The compute stream goes on only once the copy has read x, so x's memory (freed in the compute stream's
+            # order) cannot be handed out under the copy. An event wait instead of `record_stream`: it keeps working
+            # under CUDA graph capture, where a block with stream uses is not reused until the capture ends.
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
+            self.copied = None
         self.forward_value = None  # from now on the device keeps nothing for this input
 
     def _start_fetch(self) -> None:
@@ -132,9 +192,12 @@ class _OffloadedInput:
             self.prefetched = self.host.clone()
             return
         stream = _side_stream(self.device)
+        # Allocated on the compute stream, and the copy waits for the compute stream's work issued so far: so it
+        # cannot write memory the compute stream still reads, and the compute stream waits for `ready` before its
+        # first use (no `record_stream`, see forward_done).
+        value = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            # allocated from the side stream's pool, so it cannot alias memory the compute stream is still using
-            value = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             value.copy_(self.host, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
@@ -153,15 +216,19 @@ class _OffloadedInput:
             self._start_fetch()
         value, self.prefetched = self.prefetched, None
         if value.is_cuda:
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(self.ready)
-            value.record_stream(main)  # used (and freed) on the compute stream though allocated on the side one
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
         _stats["fetched"] += 1
         earlier = self.previous() if self.previous is not None else None
         if earlier is not None:
             earlier.prefetch()  # overlap the next layer's copy with this layer's re-run and backward
         # the re-run must save the same tensors as the forward did, and ops save x only if x requires grad
         return value.requires_grad_(self.requires_grad)
+
+
+def _preserve_rng() -> bool:
+    # Under CUDA graph capture the RNG state cannot be read (and a captured step replays its own RNG offsets);
+    # the LoRA training recipes this serves use no dropout there (peft's lora_dropout > 0 is not patched).
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _offloadable(x) -> bool:
@@ -187,7 +254,7 @@ def _checkpoint_offloaded(layer_forward, args: tuple, kwargs: dict, positions: l
         return layer_forward(*full, **kwargs)
 
     try:
-        return checkpoint(run, anchor, use_reentrant=False, preserve_rng_state=True)
+        return checkpoint(run, anchor, use_reentrant=False, preserve_rng_state=_preserve_rng())
     finally:
         for holder in inputs.values():
             holder.forward_done()
@@ -202,7 +269,7 @@ def checkpoint_layer(layer_forward, *args, offload: bool = False, **kwargs):
         positions = [i for i, a in enumerate(args) if _offloadable(a)]
         if positions:
             return _checkpoint_offloaded(layer_forward, args, kwargs, positions)
-    return checkpoint(layer_forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+    return checkpoint(layer_forward, *args, use_reentrant=False, preserve_rng_state=_preserve_rng(), **kwargs)
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -14,8 +14,9 @@ where softcap(z) = softcap * tanh(z / softcap) (Gemma 2's final logit soft-cappi
 - `reduction`: "mean" divides by the number of non-ignored rows (all ignored gives NaN, as torch does; the grads
   are then zero), "sum" does not divide. To mean over a whole gradient-accumulation step (HF's `num_items_in_batch`)
   use "sum" and divide the result: the division flows through the backward as an ordinary scale.
-- How: ignored rows are dropped first (prompt tokens masked in SFT cost nothing), the valid rows are processed in
-  chunks; per chunk the logits come from one cuBLAS matmul in the compute dtype, then a Triton kernel computes, in
+- How: ignored rows are dropped first (prompt tokens masked in SFT cost nothing; under CUDA graph capture, where
+  that host sync is not allowed, they stay and the kernel gives them zero loss and gradient), the valid rows are
+  processed in chunks; per chunk the logits come from one cuBLAS matmul in the compute dtype, then a Triton kernel computes, in
   fp32, the logsumexp and the row loss and overwrites the logits with their gradient (softmax - onehot, times the
   soft-cap derivative, times 1/n_valid for "mean"). Still in the forward, that chunk's gradient goes straight into
   grad_hidden (dlogits @ W) and grad_W (+= dlogits^T @ h) and the logits buffer is reused by the next chunk. The
@@ -238,6 +239,11 @@ def cross_entropy(
     return cross_entropy_reference(logits, labels, ignore_index, reduction, softcap)
 
 
+def _static_rows(hidden: torch.Tensor) -> bool:
+    """True when the loss must not drop ignored rows (that costs a host sync): under CUDA graph capture."""
+    return hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _default_chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
     max_rows = max(1, _CHUNK_BYTES // (vocab * torch.finfo(dtype).bits // 8))
     n_chunks = math.ceil(n_rows / max_rows)
@@ -255,17 +261,26 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         vocab = weight.shape[0]
         device = hidden.device
 
-        # Drop ignored rows up front (one host sync): in SFT most prompt tokens are masked and cost nothing then.
-        valid_idx = (labels1 != ignore_index).nonzero().squeeze(1)
-        n_valid = valid_idx.numel()
-        all_valid = n_valid == n_rows
+        if _static_rows(hidden):
+            # Under CUDA graph capture nothing may wait for the device: every row goes through the kernel (ignored
+            # rows give zero loss and zero gradient there) and the mean's divisor stays a device tensor.
+            valid_idx, n_valid, all_valid = None, n_rows, True
+            count = (labels1 != ignore_index).sum()
+            scale = (1.0 / count.clamp(min=1).float()).reshape(1) if reduction == "mean" else \
+                torch.ones(1, dtype=torch.float32, device=device)
+        else:
+            # Drop ignored rows up front (one host sync): in SFT most prompt tokens are masked and cost nothing.
+            valid_idx = (labels1 != ignore_index).nonzero().squeeze(1)
+            n_valid = valid_idx.numel()
+            all_valid = n_valid == n_rows
+            count = None
+            scale = torch.full((1,), 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0,
+                               dtype=torch.float32, device=device)
         h = h_all if all_valid else h_all.index_select(0, valid_idx)
         y = labels1 if all_valid else labels1.index_select(0, valid_idx)
 
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
-        scale = torch.full((1,), 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0,
-                           dtype=torch.float32, device=device)
         loss_rows = torch.empty(n_valid, dtype=torch.float32, device=device)
         grad_h = torch.empty((n_valid, n_hidden), dtype=compute_dtype, device=device) if need_h else None
         grad_w = torch.zeros((vocab, n_hidden), dtype=compute_dtype, device=device) if need_w else None
@@ -301,7 +316,10 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         )
         loss = loss_rows.sum()
         if reduction == "mean":
-            loss = loss / n_valid if n_valid > 0 else torch.full((), float("nan"), device=device)
+            if count is not None:
+                loss = loss / count  # 0 / 0 = NaN when every row is ignored, as below
+            else:
+                loss = loss / n_valid if n_valid > 0 else torch.full((), float("nan"), device=device)
         return loss
 
     @staticmethod

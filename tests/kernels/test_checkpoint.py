@@ -153,6 +153,56 @@ def test_offload_keeps_no_device_reference_to_the_input(offload, monkeypatch):
     torch.testing.assert_close(grad, x0_ref.grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offload_reuses_its_pinned_buffers_and_captures_in_a_graph():
+    """Once a step has run, the next allocates no pinned memory; a step with offload is then captured in a CUDA
+    graph (the layers called through checkpoint_layer directly, no HF mask code), and its replays give the eager
+    step's loss and grads."""
+    model = _tiny_llama("cuda")
+    layers = model.model.layers
+    for layer in layers:
+        layer.self_attn.attention_dropout = 0.0  # no RNG: under capture the re-run cannot replay saved RNG state
+    torch.manual_seed(1)
+    x0 = torch.randn(2, 9, 48, device="cuda", requires_grad=True)
+    pos = torch.arange(9, device="cuda").unsqueeze(0)
+    mask = torch.full((9, 9), float("-inf"), device="cuda").triu(1).expand(2, 1, 9, 9)
+    cos, sin = model.model.rotary_emb(x0, pos)
+    params = [x0] + [p for p in layers.parameters()]
+
+    def step():
+        x = x0 * 1.5
+        for layer in layers:
+            x = checkpoint_layer(layer, x, offload=True, attention_mask=mask, position_embeddings=(cos, sin),
+                                 position_ids=pos)
+        loss = (x.float() ** 2).mean()
+        loss.backward()
+        return loss
+
+    def grads():
+        out = [p.grad.detach().clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    reset_offload_stats()
+    loss_ref = step().detach()
+    grads_ref = grads()
+    assert offload_stats()["pinned"] == N_LAYERS
+    step()
+    grads()
+    assert offload_stats()["pinned"] == N_LAYERS, "the second step must reuse the pooled buffers"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_same(loss, loss_ref, "cuda", "graphed loss")
+        for i, (p, ref) in enumerate(zip(params, grads_ref)):
+            _assert_same(p.grad, ref, "cuda", f"graphed grad {i}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["recompute", "offload", "offload_cpu_fallback"])
 @pytest.mark.parametrize("wrapper", ["hf", "peft"])

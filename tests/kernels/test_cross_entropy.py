@@ -124,6 +124,31 @@ def test_fused_all_ignored_and_no_grad():
     _assert_close(loss, ref, torch.float32, "no-grad loss")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_static_rows_path(device, reduction, monkeypatch):
+    """The CUDA-graph-capture path (no host sync: ignored rows stay in, the mean divides by a device count) gives
+    the reference's loss and grads; forced here outside a capture."""
+    import sloth_kernels.cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_static_rows", lambda hidden: True)
+    n, hid, vocab, chunk = _sizes(device)
+    gen = torch.Generator().manual_seed(7)
+    h_leaf = torch.randn(hid, n, generator=gen).to(device).requires_grad_()  # non-contiguous, as above
+    weight = (torch.randn(vocab, hid, generator=gen) / hid**0.5).to(device).requires_grad_()
+    labels = _labels(n, vocab, device, gen)
+    loss = fused_linear_cross_entropy(h_leaf.t(), weight, labels, reduction=reduction, chunk_size=chunk)
+    grads = torch.autograd.grad(loss * 1.3, [h_leaf, weight])
+    ref_inputs = [t.detach().clone().requires_grad_() for t in (h_leaf, weight)]
+    ref = fused_linear_cross_entropy_reference(ref_inputs[0].t(), ref_inputs[1], labels, reduction=reduction)
+    ref_grads = torch.autograd.grad(ref * 1.3, ref_inputs)
+    _assert_close(loss, ref, torch.float32, "loss")
+    for name, g, rg in zip(("hidden", "weight"), grads, ref_grads):
+        _assert_close(g, rg, torch.float32, f"grad {name}")
+    ignored = torch.full((n,), IGNORE, device=device)
+    assert torch.isnan(fused_linear_cross_entropy(h_leaf.t(), weight, ignored, chunk_size=chunk))
+
+
 def test_fused_autocast_uses_autocast_dtype():
     """fp32 master weights under bf16 autocast: the matmuls run in bf16, as F.linear would under autocast."""
     n, hid, vocab, chunk = _sizes("cpu")
