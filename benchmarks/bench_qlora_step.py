@@ -503,7 +503,9 @@ def markdown(path: Path) -> str:
     lines = ["| shape | configuration | tokens/s | vs Unsloth | peak allocated GiB | vs Unsloth | peak reserved GiB "
              "| vs Unsloth | max loss diff vs HF+PEFT bf16 |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    nan = float("nan")
+    def cell(r, key, fmt, suffix=""):
+        return format(r[key], fmt) + suffix if key in r else "—"  # a baseline that did not run in this call
+
     for entry in data.get("shapes", []):
         for r in entry["results"]:
             if not r.get("ok"):
@@ -512,9 +514,9 @@ def markdown(path: Path) -> str:
                 continue
             lines.append(
                 f"| {entry['shape']} | {r['config']} | {r['tokens_per_s']:,.0f} | "
-                f"{r.get('speedup_vs_unsloth', nan):.2f}x | {r.get('peak_gb', nan):.2f} | "
-                f"{r.get('peak_mem_vs_unsloth', nan):.0%} | {r.get('reserved_gb', nan):.2f} | "
-                f"{r.get('reserved_vs_unsloth', nan):.0%} | {r.get('max_loss_rel_diff_vs_hf_bf16', nan):.1e} |")
+                f"{cell(r, 'speedup_vs_unsloth', '.2f', 'x')} | {cell(r, 'peak_gb', '.2f')} | "
+                f"{cell(r, 'peak_mem_vs_unsloth', '.0%')} | {cell(r, 'reserved_gb', '.2f')} | "
+                f"{cell(r, 'reserved_vs_unsloth', '.0%')} | {cell(r, 'max_loss_rel_diff_vs_hf_bf16', '.1e')} |")
     return "\n".join(lines)
 
 

@@ -21,8 +21,9 @@ Fused groups (one autograd Function each, x saved once), on peft LoRA layers (`l
   gradients) but skips the down projection's GEMM and returns zeros: for a checkpoint re-run
   whose output value nothing reads (see `sloth_kernels.checkpoint.recomputing`). Inside a checkpointed layer its
   backward overwrites the saved gate/up outputs instead of cloning them (`sloth_kernels.checkpoint.checkpointed`).
-- All three take `cache_epoch=None | int`: with an int, compute-dtype copies of the LoRA weights (and their stacked
-  and block-diagonal forms) are made once and reused by every call with the same epoch; the caller promises the
+- All three take `cache_epoch=None | int`: with an int, each group's LoRA operands in the compute dtype (A stacked,
+  B^T block-diagonal with the scaling folded in; one Triton launch per group, `_lora_operands_kernel`) are made
+  once and reused by every call with the same epoch; the caller promises the
   weights do not change within an epoch (`patch_model` draws a new epoch at every forward of the model). The results
   on peft modules' `lora_parts` are cached on the module until its LoRA state or tensors change.
 Outputs of a group may be non-contiguous column views of one [M, N_q + N_k + N_v] buffer (their last dimension is
@@ -390,9 +391,7 @@ def _gated_act_backward_(g, u, dh, activation):
 # them.) Without an epoch nothing is cached. The epoch of the running autograd Function is thread-local, since the
 # backward runs on autograd's device threads.
 _epoch = threading.local()
-_casts = WeakIdKeyDictionary()  # tensor -> ((epoch, versions, data_ptrs, dtype), (), copy)
-_stacks = WeakIdKeyDictionary()  # first tensor -> ((epoch, versions, data_ptrs, dtype), the others, stacked copy)
-_blocks = WeakIdKeyDictionary()  # first B -> (stamp, the other Bs, scaled block-diagonal B^T)
+_operands = WeakIdKeyDictionary()  # first A -> (stamp, the other As and the Bs, (stacked A, block-diagonal s B^T))
 
 
 class _CacheEpoch:
@@ -411,13 +410,6 @@ class _CacheEpoch:
         _epoch.value = self.saved
 
 
-def _as_compute(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in `dtype` (read-only): t itself, or a copy, reused within one cache epoch."""
-    if t.dtype == dtype:
-        return t
-    return _epoch_cached(_casts, (t,), dtype, lambda: t.detach().to(dtype))
-
-
 def _epoch_cached(store, ts, key, build):
     """build(), or what it returned for the same tensors ts and key within the current cache epoch."""
     epoch = getattr(_epoch, "value", None)
@@ -432,28 +424,91 @@ def _epoch_cached(store, ts, key, build):
     return value
 
 
-def _stacked(ts, dtype: torch.dtype) -> torch.Tensor:
-    """cat(ts, dim=0) in `dtype` (read-only), reused within one cache epoch."""
-    if len(ts) == 1:
-        return _as_compute(ts[0], dtype)
-    return _epoch_cached(_stacks, ts, dtype, lambda: torch.cat([t.detach().to(dtype) for t in ts], dim=0))
+@triton.jit
+def _lora_operands_kernel(
+    a0, a1, a2, b0, b1, b2, a_out, bt_out,
+    K, R0, R1, N0, N1, N_TOTAL, r0, r1, r2, s0, s1, s2,
+    RNE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Row `row` of both outputs of a group of up to three projections (unused ones have rank 0):
+    a_out[row, :K] = A_i[j, :] and bt_out[row, :N_TOTAL] = s_i * B_i[:, j] in projection i's column block, zeros
+    elsewhere; projection i owns output rows [R_i-1, R_i) (R0, R1 the running rank sums), j is the row within it.
+    A_i are [r_i, K] and B_i [N_i, r_i], contiguous."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    rows = row + tl.zeros([BLOCK], dtype=tl.int32)  # the row as a vector: masks stay block-shaped
+    in0 = rows < R0
+    in1 = (rows >= R0) & (rows < R1)
+    in2 = rows >= R1
+    j0, j1, j2 = row, row - R0, row - R1
+    a_mask = cols < K
+    a = tl.load(a0 + j0 * K + cols, mask=a_mask & in0, other=0.0).to(tl.float32)
+    a += tl.load(a1 + j1 * K + cols, mask=a_mask & in1, other=0.0).to(tl.float32)
+    a += tl.load(a2 + j2 * K + cols, mask=a_mask & in2, other=0.0).to(tl.float32)
+    # column c of bt_out lies in projection 0's block (c < N0), 1's (N0 <= c < N1) or 2's (N1 <= c)
+    b_mask = cols < N_TOTAL
+    c0 = b_mask & in0 & (cols < N0)
+    c1 = b_mask & in1 & (cols >= N0) & (cols < N1)
+    c2 = b_mask & in2 & (cols >= N1)
+    bt = tl.load(b0 + cols * r0 + j0, mask=c0, other=0.0).to(tl.float32) * s0
+    bt += tl.load(b1 + (cols - N0) * r1 + j1, mask=c1, other=0.0).to(tl.float32) * s1
+    bt += tl.load(b2 + (cols - N1) * r2 + j2, mask=c2, other=0.0).to(tl.float32) * s2
+    if RNE_BF16:
+        a = round_bf16_rne(a)
+        bt = round_bf16_rne(bt)
+    tl.store(a_out + row * K + cols, a.to(a_out.dtype.element_ty), mask=a_mask)
+    tl.store(bt_out + row * N_TOTAL + cols, bt.to(bt_out.dtype.element_ty), mask=b_mask)
 
 
-def _scaled_block_bt(Bs, scalings, dtype: torch.dtype) -> torch.Tensor:
-    """[sum r, sum N] block-diagonal, block i = s_i * B_i^T: a group's LoRA up-projections as one GEMM operand
-    (the zero blocks cost a few tiny extra flops; one launch instead of one per projection)."""
+def _lora_operands_torch(As, Bs, scalings, dtype):
+    a = torch.cat([A.detach().to(dtype) for A in As], dim=0) if len(As) > 1 else As[0].detach().to(dtype)
+    rows, cols = sum(B.shape[1] for B in Bs), sum(B.shape[0] for B in Bs)
+    bt = torch.zeros(rows, cols, dtype=dtype, device=Bs[0].device)
+    r = c = 0
+    for B, scale in zip(Bs, scalings):
+        n, k = B.shape
+        bt[r : r + k, c : c + n] = B.detach().t() * scale
+        r, c = r + k, c + n
+    return a, bt
+
+
+def _lora_operands(As, Bs, scalings, dtype: torch.dtype):
+    """(stacked A [sum r, K], block-diagonal B^T [sum r, sum N] whose block i is s_i * B_i^T), both in `dtype`
+    (read-only), reused within one cache epoch: a group's LoRA down- and up-projections as one GEMM operand each
+    (the zero blocks cost a few tiny extra flops; one launch instead of one per projection). Built by one Triton
+    launch for groups of up to three projections with contiguous weights of one dtype (the fp32 weights peft keeps):
+    the cast, the stacking, the scaling and the zero fill that took 2-11 launches per group.
+
+    The scaling is folded into B, rounded once to `dtype`: exact for power-of-two scalings (r = alpha gives 1)."""
+    As, Bs = tuple(As), tuple(Bs)
 
     def build():
-        rows, cols = sum(B.shape[1] for B in Bs), sum(B.shape[0] for B in Bs)
-        out = torch.zeros(rows, cols, dtype=dtype, device=Bs[0].device)
-        r = c = 0
-        for B, scale in zip(Bs, scalings):
-            n, k = B.shape
-            out[r : r + k, c : c + n] = B.detach().t() * scale
-            r, c = r + k, c + n
-        return out
+        fits = (
+            len(As) <= 3
+            and use_triton(As[0])
+            and all(t.is_contiguous() and t.dtype == As[0].dtype and t.device == As[0].device for t in As + Bs)
+        )
+        if not fits:
+            return _lora_operands_torch(As, Bs, scalings, dtype)
+        k = As[0].shape[1]
+        ranks = [A.shape[0] for A in As] + [0] * (3 - len(As))
+        ns = [B.shape[0] for B in Bs] + [0] * (3 - len(Bs))
+        scales = list(scalings) + [0.0] * (3 - len(As))
+        a_src = list(As) + [As[0]] * (3 - len(As))
+        b_src = list(Bs) + [Bs[0]] * (3 - len(Bs))
+        rows, n_total = sum(ranks), sum(ns)
+        a = torch.empty(rows, k, dtype=dtype, device=As[0].device)
+        bt = torch.empty(rows, n_total, dtype=dtype, device=As[0].device)
+        interp = interpreting()
+        block = min(triton.next_power_of_2(max(k, n_total)), 128 if interp else 2048)
+        _lora_operands_kernel[(rows, triton.cdiv(max(k, n_total), block))](
+            *a_src, *b_src, a, bt, k, ranks[0], ranks[0] + ranks[1], ns[0], ns[0] + ns[1], n_total,
+            max(ranks[0], 1), max(ranks[1], 1), max(ranks[2], 1), *[float(x) for x in scales],
+            RNE_BF16=interp and dtype == torch.bfloat16, BLOCK=block, num_warps=4,
+        )
+        return a, bt
 
-    return _epoch_cached(_blocks, Bs, (dtype, tuple(scalings)), build)
+    return _epoch_cached(_operands, As + Bs, (dtype, tuple(scalings)), build)
 
 
 def _cached_parts(module):
@@ -565,6 +620,15 @@ def _mm(a, proj, trans, lora=None, bias=None, out=None):
     return out
 
 
+def _scaled_as(t: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """t * scaling in `dtype` in one launch (none when there is nothing to do): a LoRA B grad in its weight's dtype."""
+    if scaling == 1.0:
+        return t.to(dtype)
+    if t.dtype == dtype:
+        return t.mul_(scaling)
+    return torch.mul(t, scaling, out=torch.empty_like(t, dtype=dtype))
+
+
 def _slices(sizes):
     """Consecutive slices of the given sizes: a stacked buffer's blocks."""
     slices, start = [], 0
@@ -589,19 +653,20 @@ def _group_forward(x2, projs, As, Bs, biases, xa):
     """
     cd = x2.dtype
     ranks = _rank_slices(As)
+    _, bt = _lora_operands(As, Bs, [p.scaling for p in projs], cd)
     if _stackable(projs):
         w = _materialise(projs, cd, x2.device)
         y_all = torch.matmul(x2, w.t())
         del w
-        y_all.addmm_(xa, _scaled_block_bt(Bs, [p.scaling for p in projs], cd))
+        y_all.addmm_(xa, bt)
         outs = [y_all[:, cols] for cols in _col_slices(projs)]
         for y, bias in zip(outs, biases):
             if bias is not None:
                 y.add_(bias.to(cd))
         return outs, y_all
     outs = [
-        _mm(x2, p, True, lora=(xa[:, rs], _as_compute(B, cd).t(), p.scaling), bias=bias)
-        for p, B, bias, rs in zip(projs, Bs, biases, ranks)
+        _mm(x2, p, True, lora=(xa[:, rs], bt[rs, cols], 1.0), bias=bias)
+        for p, bias, rs, cols in zip(projs, biases, ranks, _col_slices(projs))
     ]
     return outs, None
 
@@ -610,16 +675,17 @@ def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, 
     """Grads of a projection group. dys[i] is [M, N_i] or None (output unused); dy_stacked, when given, is one
     [M, sum N] buffer whose column blocks are the dys, all live (dX is then one GEMM when the group is stackable)."""
     cd = x2.dtype
-    ranks = _rank_slices(As)
+    ranks, cols = _rank_slices(As), _col_slices(projs)
+    a_stacked, bt = _lora_operands(As, Bs, [p.scaling for p in projs], cd)
     live = [i for i, dy in enumerate(dys) if dy is not None]
     # (dY_i @ B_i) * s_i for all live projections, side by side: [M, sum r].
     if dy_stacked is not None:
-        dyb = torch.matmul(dy_stacked, _scaled_block_bt(Bs, [p.scaling for p in projs], cd).t())
+        dyb = torch.matmul(dy_stacked, bt.t())
     else:
         dyb = torch.zeros(x2.shape[0], ranks[-1].stop, dtype=cd, device=x2.device) if len(live) < len(dys) else None
         parts = []
         for i in live:
-            part = torch.matmul(dys[i], _as_compute(Bs[i], cd)).mul_(projs[i].scaling)
+            part = torch.matmul(dys[i], bt[ranks[i], cols[i]].t())
             if dyb is not None:
                 dyb[:, ranks[i]] = part
             parts.append(part)
@@ -636,13 +702,15 @@ def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, 
         else:
             for i in live:
                 dx = _mm(dys[i], projs[i], False, out=dx)
-        dx.addmm_(dyb, _stacked(As, cd))
+        dx.addmm_(dyb, a_stacked)
     elif need_x:
         dx = torch.zeros_like(x2)
 
     dAs, dBs, dbiases = [None] * len(As), [None] * len(Bs), [None] * len(biases)
     if any(need_A):
         dA_all = torch.matmul(dyb.t(), x2)
+        if all(A.dtype == As[0].dtype for A in As):
+            dA_all = dA_all.to(As[0].dtype)  # one cast for the group; each grad is a row block (contiguous) of it
         for i, A in enumerate(As):
             if need_A[i]:
                 dAs[i] = dA_all[ranks[i]].to(A.dtype)
@@ -651,7 +719,7 @@ def _group_backward(dys, x2, xa, projs, As, Bs, biases, need_x, need_A, need_B, 
         if need_B[i]:
             dBs[i] = (
                 torch.zeros_like(Bs[i]) if dy is None
-                else torch.matmul(dy.t(), xa[:, ranks[i]]).mul_(projs[i].scaling).to(Bs[i].dtype)
+                else _scaled_as(torch.matmul(dy.t(), xa[:, ranks[i]]), projs[i].scaling, Bs[i].dtype)
             )
         if need_bias[i]:
             dbiases[i] = torch.zeros_like(biases[i]) if dy is None else dy.sum(0).to(biases[i].dtype)
@@ -709,7 +777,7 @@ class _LoraGroupFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False), _CacheEpoch(plan.cache_epoch):
             As, Bs, biases = params[0::3], params[1::3], params[2::3]
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
-            xa = torch.matmul(x2, _stacked(As, cd).t())
+            xa = torch.matmul(x2, _lora_operands(As, Bs, [p.scaling for p in projs], cd)[0].t())
             outs, _ = _group_forward(x2, projs, As, Bs, biases, xa)
         ctx.projs, ctx.cache_epoch = projs, plan.cache_epoch
         ctx.x_shape = x.shape
@@ -766,12 +834,12 @@ class _LoraMLPFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False), _CacheEpoch(plan.cache_epoch):
             As, Bs, biases = params[0::3], params[1::3], params[2::3]
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
-            xa = torch.matmul(x2, _stacked(As[:2], cd).t())
+            xa = torch.matmul(x2, _lora_operands(As[:2], Bs[:2], [p.scaling for p in gate_up], cd)[0].t())
             (g, u), gu = _group_forward(x2, gate_up, As[:2], Bs[:2], biases[:2], xa)
             h = _gated_act(g, u, activation)
             saved_gu = () if MLP_RECOMPUTE else ((gu,) if gu is not None else (g, u))
             del g, u, gu
-            xa_down = torch.matmul(h, _as_compute(As[2], cd).t())
+            xa_down = torch.matmul(h, _lora_operands(As[2:], Bs[2:], [down.scaling], cd)[0].t())
             if plan.compute_output:
                 (y,), _ = _group_forward(h, [down], As[2:], Bs[2:], biases[2:], xa_down)
             else:  # a re-run whose output nobody reads: the backward needs only what is saved below (zeros, not
@@ -807,13 +875,14 @@ class _LoraMLPFn(torch.autograd.Function):
             else:
                 (g, u), gu = _group_forward(x2, gate_up, As[:2], Bs[:2], biases[:2], xa)
             # dh = dY @ W_down + s (dY @ B_down) @ A_down; then act backward turns (g, u, dh) into (dg, du, h).
-            dyb = torch.matmul(dy2, _as_compute(Bs[2], cd)).mul_(down.scaling)
-            dh = _mm(dy2, down, False, lora=(dyb, _as_compute(As[2], cd), 1.0))
+            a_down, bt_down = _lora_operands(As[2:], Bs[2:], [down.scaling], cd)
+            dyb = torch.matmul(dy2, bt_down.t())  # s folded into bt_down
+            dh = _mm(dy2, down, False, lora=(dyb, a_down, 1.0))
             h = _gated_act_backward_(g, u, dh, ctx.activation)
             dg, du = g, u
             dA_down = torch.matmul(dyb.t(), h).to(As[2].dtype) if need[8] else None
             del h, dh
-            dB_down = torch.matmul(dy2.t(), xa_down).mul_(down.scaling).to(Bs[2].dtype) if need[9] else None
+            dB_down = _scaled_as(torch.matmul(dy2.t(), xa_down), down.scaling, Bs[2].dtype) if need[9] else None
             db_down = dy2.sum(0).to(biases[2].dtype) if need[10] else None
             del dyb, dy2
             # When gate/up ran stacked, dg | du now fill their shared buffer in place: dX is then one GEMM.

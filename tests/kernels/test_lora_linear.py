@@ -522,3 +522,23 @@ def test_bnb_compute_dtype_is_the_compute_dtype(saved_llama):
     _assert_close(y, ref, torch.bfloat16, "mlp")
     with torch.no_grad():
         assert lora_mlp_reference(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_lora_operands_kernel_matches_torch(device, out_dtype, count):
+    """One launch builds a group's stacked A and block-diagonal s B^T: equal to the torch construction (a cast, a
+    cat, a scaled copy per block into zeros), odd ranks and widths; a non-contiguous weight takes the torch path."""
+    gen = torch.Generator().manual_seed(count)
+    ranks, widths, k = [3, 5, 7][:count], [33, 17, 9][:count], 45
+    As = [torch.randn(r, k, generator=gen).to(device) for r in ranks]
+    Bs = [torch.randn(n, r, generator=gen).to(device) for n, r in zip(widths, ranks)]
+    scalings = [2.0, 0.5, 1.0][:count]
+    a, bt = ll._lora_operands(As, Bs, scalings, out_dtype)
+    a_ref, bt_ref = ll._lora_operands_torch(As, Bs, scalings, out_dtype)
+    assert a.shape == (sum(ranks), k) and bt.shape == (sum(ranks), sum(widths)) and a.dtype == bt.dtype == out_dtype
+    assert torch.equal(a, a_ref) and torch.equal(bt, bt_ref)  # casts round to nearest even in both
+    strided = [B.t().contiguous().t() for B in Bs]  # same values, column-major
+    a2, bt2 = ll._lora_operands(As, strided, scalings, out_dtype)
+    assert torch.equal(a2, a_ref) and torch.equal(bt2, bt_ref)
