@@ -10,40 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from sloth_kernels.graph_step import GraphedStep
 
+from . import tiny_llama
 from .patching import patch_model, unpatch_afterwards  # noqa: F401 (autouse fixture)
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _model(device, quantized: bool, path=None):
-    if quantized:
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                     device_map={"": 0})
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    torch.manual_seed(1)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=TARGETS))
-    return model.train()
-
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("graph-llama")
-    config = AutoConfig.for_model(
-        "llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        attn_implementation="sdpa", tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_llama.save(path)
     return path
 
 
@@ -88,7 +64,7 @@ def _train(model, batches, graphed: bool):
 def test_graphed_steps_train_as_eager_steps_cuda(saved, offload):
     runs = {}
     for graphed in (False, True):
-        model = _model("cuda", quantized=True, path=saved)
+        model = tiny_llama.load(saved, "cuda", quantized=True)
         patch_model(model, offload=offload)
         runs[graphed] = _train(model, _batches("cuda") * 2, graphed)
     (eager_losses, eager_w, _), (graph_losses, graph_w, step) = runs[False], runs[True]
@@ -102,7 +78,7 @@ def test_graphed_steps_train_as_eager_steps_cuda(saved, offload):
 def test_graphed_step_is_an_eager_step_on_cpu(saved):
     runs = {}
     for graphed in (False, True):
-        model = _model("cpu", quantized=False, path=saved)  # unpatched: the step's plumbing alone
+        model = tiny_llama.load(saved, "cpu", quantized=False)  # unpatched: the step's plumbing alone
         runs[graphed] = _train(model, _batches("cpu")[:3], graphed)
     assert runs[True][0] == runs[False][0]
     assert not runs[True][2].graphs

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
+from . import tiny_llama
 from .launches import count_launches, total
 from .patching import patch_model, unpatch_afterwards  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts under the CPU interpreter")
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # One decoder layer's launches in one training step: (forward, backward incl. the checkpoint re-run).
 PER_LAYER = {"forward": 27, "backward": 66}
 # ... of which Triton launches (RMSNorm x2, RoPE, NF4 dequant x4, gated activation, and in the forward the
@@ -33,26 +31,11 @@ PER_LAYER = {"forward": 27, "backward": 66}
 PER_LAYER_TRITON = {"forward": 12, "backward": 15}
 
 
-def _nf4_llama(path, layers: int):
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path / str(layers), quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": "cpu"})
-    torch.manual_seed(1)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=TARGETS))
-    return model.train()
-
-
 @pytest.fixture(scope="module")
 def saved_llamas(tmp_path_factory):
     path = tmp_path_factory.mktemp("launch-llama")
     for layers in (1, 2):
-        config = AutoConfig.for_model(
-            "llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2, attn_implementation="sdpa", tie_word_embeddings=False)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(path / str(layers))
+        tiny_llama.save(path / str(layers), layers)
     return path
 
 
@@ -73,7 +56,7 @@ def _step_launches(model):
 def test_launches_per_decoder_layer_are_pinned(saved_llamas):
     counts = {}
     for layers in (1, 2):
-        model = _nf4_llama(saved_llamas, layers)
+        model = tiny_llama.load(saved_llamas / str(layers), "cpu", quantized=True)
         patch_model(model, force=True)
         counts[layers] = _step_launches(model)
     per_layer = {phase: counts[2][i] - counts[1][i] for i, phase in enumerate(("forward", "backward"))}
