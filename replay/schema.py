@@ -15,6 +15,10 @@ History:
 - v1: interactions, feedback, examples, updates, update_examples.
 - v2: interactions.transport (which front end served the turn); indexes for the daemon's hot queries;
   a partial unique index so the database itself refuses a second running update.
+- v3: set_aside: examples kept out of training with the reason (a rejected update's examples, new examples that
+  contradict an earlier answer) until the user requeues or forgets them. Examples that a rejected update had
+  consumed before v3 (and no promoted update used) are set aside with that update's reason. withdrawn: examples
+  that later feedback on their turn took back before they were trained (the latest feedback on a turn wins).
 """
 
 from __future__ import annotations
@@ -101,7 +105,29 @@ def _v2(db: Database) -> None:
         db.execute(sql)
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2]
+def _v3(db: Database) -> None:
+    db.execute("""CREATE TABLE set_aside (
+        example_id TEXT PRIMARY KEY REFERENCES examples(id),
+        update_id INTEGER REFERENCES updates(id),
+        reason TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""")
+    db.execute("""INSERT INTO set_aside (example_id, update_id, reason, created_at)
+        SELECT ue.example_id, max(u.id), 'update ' || max(u.id) || ' rejected: ' || coalesce(max(u.reason), ''),
+               max(coalesce(u.finished_at, u.started_at))
+        FROM update_examples ue JOIN updates u ON u.id = ue.update_id
+        WHERE u.status = 'rejected' AND NOT EXISTS (
+            SELECT 1 FROM update_examples p JOIN updates pu ON pu.id = p.update_id
+            WHERE p.example_id = ue.example_id AND pu.status = 'promoted')
+        GROUP BY ue.example_id""")
+    db.execute("""CREATE TABLE withdrawn (
+        example_id TEXT PRIMARY KEY REFERENCES examples(id),
+        feedback_id INTEGER REFERENCES feedback(id),
+        created_at TEXT NOT NULL
+    )""")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -10,9 +10,11 @@ Contract:
 - Training data is derived only from explicit signals (`add_feedback`, `add_taught`, `add_document`, `add_anchor`),
   never from an unrated served response. Examples are deduplicated by content hash: adding existing content
   returns the stored example with ``created=False`` (it keeps its first source and its consumed/pending state).
-- Example life cycle: *pending* (not yet used by a finished update) -> *consumed* by a promoted or rejected update;
-  those consumed by a promoted update form the *replay pool*. A failed update consumes nothing. Anchors are
-  their own pool and are never pending.
+- Example life cycle: *pending* -> *in training* once a running update claims it (`claim_examples`; not counted
+  as pending) -> in the *replay pool* when that update is promoted, *set aside* with the reason when it is
+  rejected, pending again when it fails. An example can also be set aside before training (`finish_update`'s
+  `set_aside`: it contradicts an earlier answer); set-aside examples wait, with their reason, until `requeue`
+  makes them pending again. Anchors are their own pool and are never pending.
 - Bad input raises `InvalidInput`, an unknown id `NotFound`, a second update `UpdateAlreadyRunning`, a write on a
   read-only store `ReadOnlyStore`; all derive from `StoreError`. Nothing is ever deleted.
 - Timestamps are ISO-8601 UTC strings. Interactions and updates come back as plain dicts (JSON fields decoded),
@@ -111,7 +113,6 @@ class Update(BaseModel):
 
 
 UPDATE_STATUSES = ("running", "promoted", "rejected", "failed")
-_FINISHED_CONSUMING = ("promoted", "rejected")  # statuses that take examples out of the pending queue
 
 
 def _validation_message(err: ValidationError) -> str:
@@ -140,12 +141,16 @@ def _dumps(value: Any, what: str) -> str:
         raise InvalidInput(f"{what} must be JSON-serialisable: {e}") from None
 
 
-# Examples that a promoted or rejected update has used; correlated on e.id.
-_CONSUMED = f"""EXISTS (SELECT 1 FROM update_examples ue JOIN updates u ON u.id = ue.update_id
-    WHERE ue.example_id = e.id AND u.status IN ({", ".join(repr(s) for s in _FINISHED_CONSUMING)}))"""
+# Examples that a promoted update has used (the replay pool), that a running update is training on, that are set
+# aside (with a reason); correlated on e.id.
 _IN_REPLAY = """EXISTS (SELECT 1 FROM update_examples ue JOIN updates u ON u.id = ue.update_id
     WHERE ue.example_id = e.id AND u.status = 'promoted')"""
-_PENDING_WHERE = f"e.source != 'anchor' AND NOT {_CONSUMED}"
+_IN_RUNNING = """EXISTS (SELECT 1 FROM update_examples ue JOIN updates u ON u.id = ue.update_id
+    WHERE ue.example_id = e.id AND u.status = 'running')"""
+_SET_ASIDE = "EXISTS (SELECT 1 FROM set_aside s WHERE s.example_id = e.id)"
+_WITHDRAWN = "EXISTS (SELECT 1 FROM withdrawn w WHERE w.example_id = e.id)"
+_WAITING_WHERE = f"e.source != 'anchor' AND NOT {_IN_REPLAY} AND NOT {_SET_ASIDE} AND NOT {_WITHDRAWN}"
+_PENDING_WHERE = f"{_WAITING_WHERE} AND NOT {_IN_RUNNING}"
 _REPLAY_WHERE = f"e.source != 'anchor' AND {_IN_REPLAY}"
 
 
@@ -355,9 +360,16 @@ class ReplayStore:
         correction: str | None = None,
         comment: str | None = None,
     ) -> dict:
-        """Attach a rating and/or a corrected answer to a logged turn, deriving a training example:
-        a correction -> source "correction" (the corrected answer); "up" alone -> source "rated_up" (the logged
-        response); "down" alone -> recorded, no example. Returns feedback_id, interaction_id, example_id."""
+        """Attach a rating and/or a corrected answer to a logged turn. The latest feedback on a turn wins; it
+        decides the turn's one training example:
+        - a correction -> the corrected answer (source "correction"), whatever the rating;
+        - "up" alone -> the turn's latest correction if it has one (an "up" after a fix endorses the fix, it does
+          not add the bad answer), else the logged response (source "rated_up");
+        - "down" alone -> none.
+        Examples that earlier feedback on this turn derived and that this one replaces are *withdrawn* if no update
+        has trained on them yet and nothing else (teaching, another turn's feedback) also gave them; ones already
+        learnt stay learnt (forgetting them is a separate, explicit action) and are returned as `already_learnt`.
+        Returns feedback_id, interaction_id, example_id, withdrawn (ids), already_learnt (ids)."""
         if rating not in (None, "up", "down"):
             raise InvalidInput(f"rating must be 'up' or 'down', not {rating!r}")
         if correction is not None and not isinstance(correction, str):
@@ -372,7 +384,15 @@ class ReplayStore:
                 raise NotFound(f"no logged interaction {interaction_id!r}")
             inter = rows[0]
             example: Example | None = None
-            if correction is not None or rating == "up":
+            earlier = [r[0] for r in db.execute(
+                "SELECT f.example_id FROM feedback f WHERE f.interaction_id = ? AND f.example_id IS NOT NULL "
+                "ORDER BY f.id", [interaction_id])]
+            last_fix = [r[0] for r in db.execute(
+                "SELECT f.example_id FROM feedback f WHERE f.interaction_id = ? AND f.correction IS NOT NULL "
+                "ORDER BY f.id DESC LIMIT 1", [interaction_id])]
+            if correction is None and rating == "up" and last_fix:
+                example = self._example(next(iter(db.query("SELECT * FROM examples WHERE id = ?", last_fix))))
+            elif correction is not None or rating == "up":
                 source = "correction" if correction is not None else "rated_up"
                 answer = correction if correction is not None else inter["response"]
                 try:
@@ -392,7 +412,37 @@ class ReplayStore:
                 }
             )
             feedback_id = int(table.last_pk)
-        return {"feedback_id": feedback_id, "interaction_id": interaction_id, "example_id": example.id if example else None}
+            keep = example.id if example else None
+            if keep is not None:
+                db.execute("DELETE FROM withdrawn WHERE example_id = ?", [keep])  # given again: it counts again
+            withdrawn, learnt = [], []
+            for old in dict.fromkeys(earlier):
+                if old == keep:
+                    continue
+                if self._learnt(db, old):
+                    learnt.append(old)
+                elif not self._given_elsewhere(db, old, interaction_id):
+                    db.execute("INSERT OR REPLACE INTO withdrawn (example_id, feedback_id, created_at) VALUES (?, ?, ?)",
+                               [old, feedback_id, utc_now()])
+                    withdrawn.append(old)
+        return {"feedback_id": feedback_id, "interaction_id": interaction_id, "example_id": keep,
+                "withdrawn": withdrawn, "already_learnt": learnt}
+
+    @staticmethod
+    def _learnt(db: Database, example_id: str) -> bool:
+        """Trained by a promoted update, or being trained by the running one."""
+        return db.execute(
+            "SELECT 1 FROM update_examples ue JOIN updates u ON u.id = ue.update_id WHERE ue.example_id = ? "
+            "AND u.status IN ('promoted', 'running')", [example_id]).fetchone() is not None
+
+    @staticmethod
+    def _given_elsewhere(db: Database, example_id: str, interaction_id: str) -> bool:
+        """Whether something other than this turn's feedback also gave the example (teaching, another turn)."""
+        row = db.execute("SELECT source FROM examples WHERE id = ?", [example_id]).fetchone()
+        if row is None or row[0] not in ("correction", "rated_up"):
+            return True
+        return db.execute("SELECT 1 FROM feedback WHERE example_id = ? AND interaction_id != ?",
+                          [example_id, interaction_id]).fetchone() is not None
 
     # ----------------------------------------------------------------------------------------- examples
 
@@ -449,7 +499,7 @@ class ReplayStore:
             return db.execute(f"SELECT count(*) FROM examples e WHERE {where}").fetchone()[0]
 
     def pending_examples(self) -> list[Example]:
-        """Non-anchor examples no promoted or rejected update has used yet, oldest first."""
+        """Non-anchor examples waiting for an update (not learnt, not set aside, not being trained), oldest first."""
         return self._examples_where(_PENDING_WHERE)
 
     def count_pending(self) -> int:
@@ -506,9 +556,12 @@ class ReplayStore:
         metrics: dict,
         reason: str | None,
         example_ids: list[str],
+        set_aside: dict[str, str] | None = None,
     ) -> None:
-        """Record a running update's verdict. The examples it trained on are linked to it; for promoted and
-        rejected they leave the pending queue (promoted ones join the replay pool), for failed they stay pending.
+        """Record a running update's verdict. The examples it trained on (`example_ids`, plus any it claimed) are
+        linked to it: promoted -> they join the replay pool; rejected -> they are set aside with the reason
+        "update N rejected: <reason>"; failed -> they are pending again. `set_aside` ({example id: reason}) sets
+        further examples aside whatever the status (new examples that contradict an earlier answer).
         Non-finite metric values are stored as null."""
         if status not in ("promoted", "rejected", "failed"):
             raise InvalidInput(f"status must be 'promoted', 'rejected' or 'failed', not {status!r}")
@@ -538,6 +591,49 @@ class ReplayStore:
                 "INSERT OR IGNORE INTO update_examples (update_id, example_id) VALUES (?, ?)",
                 [(update_id, i) for i in ids],
             )
+            aside = dict(set_aside or {})
+            if status == "rejected":
+                linked = [r[0] for r in db.execute("SELECT example_id FROM update_examples WHERE update_id = ?",
+                                                   [update_id])]
+                for i in linked:
+                    aside.setdefault(i, f"update {update_id} rejected: {reason or 'no reason given'}")
+            self._set_aside(db, aside, update_id)
+
+    def claim_examples(self, update_id: int, example_ids: list[str]) -> None:
+        """Link the examples a running update trains on to it now, so they stop counting as pending while it runs
+        (they are pending again if it fails)."""
+        with self._write() as db:
+            self._require_running(db, update_id)
+            db.conn.executemany("INSERT OR IGNORE INTO update_examples (update_id, example_id) VALUES (?, ?)",
+                                [(update_id, i) for i in dict.fromkeys(example_ids)])
+
+    def _set_aside(self, db: Database, reasons: dict[str, str], update_id: int | None) -> None:
+        now = utc_now()
+        db.conn.executemany(
+            "INSERT OR REPLACE INTO set_aside (example_id, update_id, reason, created_at) VALUES (?, ?, ?, ?)",
+            [(i, update_id, r, now) for i, r in reasons.items()],
+        )
+
+    def set_aside_examples(self, limit: int = 100) -> list[dict]:
+        """Examples kept out of training, newest first: {example_id, update_id, reason, created_at, example}."""
+        with self._read() as db:
+            rows = list(db.query(
+                "SELECT s.example_id, s.update_id, s.reason, s.created_at, e.* FROM set_aside s "
+                "JOIN examples e ON e.id = s.example_id ORDER BY s.created_at DESC, s.rowid DESC LIMIT ?", [limit]))
+        return [{"example_id": r["example_id"], "update_id": r["update_id"], "reason": r["reason"],
+                 "set_aside_at": r["created_at"], "example": self._example(r).model_dump()} for r in rows]
+
+    def count_set_aside(self) -> int:
+        with self._read() as db:
+            return int(db.execute("SELECT count(*) FROM set_aside").fetchone()[0])
+
+    def requeue(self, example_ids: list[str] | None = None) -> int:
+        """Make set-aside examples pending again (all of them when `example_ids` is None); returns how many."""
+        with self._write() as db:
+            if example_ids is None:
+                return db.execute("DELETE FROM set_aside").rowcount
+            return sum(db.execute("DELETE FROM set_aside WHERE example_id = ?", [i]).rowcount
+                       for i in dict.fromkeys(example_ids))
 
     def fail_running_updates(self, reason: str) -> int:
         """Mark every running update failed (called at daemon start: a running row then means a crash).
@@ -609,6 +705,8 @@ class ReplayStore:
                 },
                 "examples": {**by_source, "total": sum(by_source.values())},
                 "pending": scalar(f"SELECT count(*) FROM examples e WHERE {_PENDING_WHERE}"),
+                "set_aside": scalar("SELECT count(*) FROM set_aside"),
+                "withdrawn": scalar("SELECT count(*) FROM withdrawn"),
                 "replay_pool": scalar(f"SELECT count(*) FROM examples e WHERE {_REPLAY_WHERE}"),
                 "anchors": by_source["anchor"],
                 "updates": {**by_status, "total": sum(by_status.values())},

@@ -4,6 +4,7 @@
     sloth-daemon status                       # what the running daemon serves, pending examples, recent updates
     sloth-daemon train-now [--wait]           # start an update now (and wait for its verdict)
     sloth-daemon adapters list | rollback VERSION|base
+    sloth-daemon examples set-aside | requeue [EXAMPLE_ID ...]   # examples kept out of training; make them pending
     sloth-daemon replay stats [--state-dir DIR]   # reads replay.db directly; works with the daemon stopped
     sloth-daemon install-service [--user NAME] [--prefix DIR] [--dry-run]   # install the systemd service
     sloth-daemon chat [--zmq ADDR]            # interactive chat over ZeroMQ with /up /down /fix /teach /status
@@ -120,6 +121,29 @@ def cmd_status(args: argparse.Namespace) -> None:
         u = s["update"]
         console.print(f"update {u['update_id']} running: {u['progress']:.0%} {u['message']}")
     _updates_table(s["recent_updates"])
+    judged = next((u for u in s["recent_updates"] if (u.get("metrics") or {}).get("gate")), None)
+    if judged is not None:
+        _checks_table(judged)
+    if s.get("set_aside_examples"):
+        console.print(f"[yellow]{s['set_aside_examples']} example(s) set aside, not trained[/] (newest first):")
+        for row in s.get("set_aside") or []:
+            console.print(f"  {row['example_id']}: {row['reason'][:160]}", highlight=False)
+
+
+def _checks_table(update: dict) -> None:
+    """The gate's checks of one update: what was measured, the bound, the result."""
+    gate = update["metrics"]["gate"]
+    t = Table(title=f"gate of update {update['id']}: {'promoted' if gate['promote'] else 'refused'}")
+    for col in ("check", "measured", "bound", "result", "detail"):
+        t.add_column(col)
+
+    def num(x: Any) -> str:
+        return "" if x is None else f"{x:.4g}"
+
+    for c in gate["checks"]:
+        t.add_row(c["name"], num(c.get("measured")), num(c.get("bound")),
+                  "[green]pass[/]" if c["passed"] else "[red]FAIL[/]", c["detail"][:100])
+    console.print(t)
 
 
 def _updates_table(rows: list[dict]) -> None:
@@ -179,6 +203,24 @@ def _zmq_address(cfg: DaemonConfig, args: argparse.Namespace) -> str:
     if not addresses:
         _die(EXIT_USAGE, "the daemon serves no ZeroMQ (zmq = 'off' in its configuration); pass --zmq ADDRESS")
     return next((a for a in addresses if a.startswith("ipc://")), addresses[0])
+
+
+def cmd_examples(args: argparse.Namespace) -> None:
+    client = Client(_config(args), args.url)
+    if args.action == "requeue":
+        body = {"example_ids": args.ids} if args.ids else {}
+        out = client.call("POST", "/sloth/examples/requeue", json=body)
+        console.print(f"{out['requeued']} example(s) pending again; {out['pending_examples']} pending")
+        return
+    if args.ids:
+        _die(EXIT_USAGE, "examples set-aside takes no ids")
+    out = client.call("GET", "/sloth/examples/set-aside")
+    t = Table(title=f"{out['total']} example(s) set aside")
+    for col in ("example", "update", "since", "reason"):
+        t.add_column(col)
+    for row in out["data"]:
+        t.add_row(row["example_id"], str(row["update_id"] or ""), row["set_aside_at"][:19], row["reason"][:120])
+    console.print(t)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -256,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["list", "rollback"])
     s.add_argument("version", nargs="?")
     s.set_defaults(fn=cmd_adapters)
+
+    s = sub.add_parser("examples", help="examples set aside from training (with reasons); make them pending again")
+    client_args(s)
+    s.add_argument("action", choices=["set-aside", "requeue"])
+    s.add_argument("ids", nargs="*", help="example ids to requeue (default: all set-aside examples)")
+    s.set_defaults(fn=cmd_examples)
 
     s = sub.add_parser("chat", help="interactive chat over ZeroMQ, with /up /down /fix /teach (see /help)")
     client_args(s)

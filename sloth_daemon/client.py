@@ -140,6 +140,12 @@ class _Ops:
     def interactions(self, limit: int = 50, offset: int = 0, *, timeout: float | None = None) -> Any:
         return self._call("interactions", {"limit": limit, "offset": offset}, timeout)
 
+    def set_aside(self, limit: int = 100, *, timeout: float | None = None) -> Any:
+        return self._call("set_aside", {"limit": limit}, timeout)
+
+    def requeue(self, example_ids: list[str] | None = None, *, timeout: float | None = None) -> Any:
+        return self._call("requeue", {} if example_ids is None else {"example_ids": example_ids}, timeout)
+
 
 class _Base(_Ops):
     def __init__(self, address: str | None, *, timeout: float, retries: int, api_key: str | None,

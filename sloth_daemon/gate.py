@@ -1,17 +1,35 @@
-"""The eval gate: decides from a `TrainResult`'s before/after losses whether a candidate adapter may be served.
+"""The eval gate: what an update may train on, and whether its candidate adapter may be served.
 
-Rules (bounds from `GateConfig`):
-- new:    loss on the new examples (held out when there were enough, else the training ones, and the verdict says
-          which) must fall by more than `min_new_loss_improvement`.
-- anchor: loss on the anchor set (the base model's own answers) may rise at most `max_anchor_loss_increase`
-          (relative) plus `anchor_loss_tolerance` (absolute).
-- recall: loss on earlier, already-learnt examples may rise at most `max_recall_loss_increase` plus the same slack.
-A missing or non-finite score fails its check; an empty anchor/recall set is skipped and said so.
+Before training (`heldout_anchors`, `find_conflicts`):
+- Anchors are split once and for all into a training part and a held-out part (`gate.anchor_holdout_fraction`,
+  chosen by a hash of each anchor's id, so the same probes stay held out in every update): held-out probes are never
+  trained on, so the anchor checks measure general behaviour on data the update did not see.
+- A new example whose prompt is the prompt of an anchor or of an earlier learnt example, with a different answer,
+  contradicts it. It is not trained on: the update sets it aside with the reason (replacing an earlier answer is an
+  explicit user action: forget the earlier example, or teach with `replace`).
+
+After training (`judge`, on `TrainResult.eval`, per example scores from `trainer.scoring`). Each check records its
+measurement, its bound and its result:
+- new:          loss on the new examples trained on must fall below parent loss - `min_new_loss_improvement`.
+- new_heldout:  loss on held-out new examples may rise at most `max_anchor_loss_increase` (relative) plus
+                `anchor_loss_tolerance`; when too few new examples wait to hold some out, the check says so.
+- anchor_loss:  the same bound on the held-out anchors' loss.
+- anchor_kl:    mean KL(base || candidate) per answer token on the held-out anchors <= `max_anchor_kl` (nats).
+- anchor_answers, recall_answers: of the held-out anchors (the base's own greedy answers) and of a sample of earlier
+                learnt examples, those the parent answered exactly under greedy decoding and the candidate no longer
+                does: at most `max_anchor_answers_lost` / `max_answers_lost` of them (a share, rounded down).
+- recall_loss:  the recall sample's mean loss may rise at most `max_recall_loss_increase` (relative) plus
+                `recall_loss_floor` (absolute: learnt examples have losses near zero, where a relative bound alone
+                would trip on noise).
+A missing or non-finite score fails its check; an empty set is skipped and said so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -20,9 +38,15 @@ from .trainer.job import EvalScores
 
 
 class Check(BaseModel):
+    """One gate check: what was measured, the bound it was held to, and the examples that failed it (ids)."""
+
     name: str
     passed: bool
     detail: str
+    measured: float | None = None
+    bound: float | None = None
+    examples: int = 0
+    failing: list[str] = []
 
 
 class Verdict(BaseModel):
@@ -31,36 +55,138 @@ class Verdict(BaseModel):
     checks: list[Check]
 
 
+# -- before training -------------------------------------------------------------------------------------------------
+
+def heldout_anchors(anchors: list[Any], fraction: float) -> tuple[list[Any], list[Any]]:
+    """Split anchors into (train, held_out): the `round(fraction * n)` anchors (at least 1 when n >= 2, never all)
+    whose sha256(id) sort first. Depends only on the ids, so a probe stays held out in every update."""
+    if fraction <= 0 or len(anchors) < 2:
+        return list(anchors), []
+    k = min(max(1, round(fraction * len(anchors))), len(anchors) - 1)
+    held = {a.id for a in sorted(anchors, key=lambda a: hashlib.sha256(a.id.encode()).hexdigest())[:k]}
+    return [a for a in anchors if a.id not in held], [a for a in anchors if a.id in held]
+
+
+def prompt_key(kind: str, prompt: Any) -> str | None:
+    """What makes two prompts 'the same' for contradiction checks: kind plus each message's role and content,
+    case-folded with whitespace collapsed. None for documents (they have no prompt)."""
+    if prompt is None:
+        return None
+
+    def norm(text: str) -> str:
+        return re.sub(r"\s+", " ", text).strip().casefold()
+
+    if isinstance(prompt, str):
+        return f"{kind}\x00{norm(prompt)}"
+    return kind + "".join(f"\x00{m['role']}\x01{norm(m['content'])}" for m in prompt)
+
+
+def find_conflicts(new: list[Any], learnt: list[Any], anchors: list[Any]) -> dict[str, str]:
+    """New examples that contradict an anchor or an earlier learnt example (same `prompt_key`, different answer):
+    {new example id: reason naming the earlier example and its answer}."""
+    earlier: dict[str, Any] = {}
+    for e in [*anchors, *learnt]:
+        key = prompt_key(e.kind, e.prompt)
+        if key is not None:
+            earlier.setdefault(key, e)
+    out = {}
+    for e in new:
+        old = earlier.get(prompt_key(e.kind, e.prompt) or "")
+        if old is not None and old.answer.strip() != e.answer.strip():
+            what = "an anchor (the base model's own answer)" if old.source == "anchor" else f"learnt example {old.id}"
+            out[e.id] = (f"contradicts {what}, which answers the same prompt with {_clip(old.answer)!r}; "
+                         f"to replace that answer, forget {old.id} first (or teach with replace=true)")
+    return out
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# -- after training --------------------------------------------------------------------------------------------------
+
 def _finite(*xs: float | None) -> bool:
     return all(x is not None and math.isfinite(x) for x in xs)
 
 
-def _bounded_rise(name: str, s: EvalScores | None, rel: float, tol: float) -> Check:
+def _skip(name: str, why: str) -> Check:
+    return Check(name=name, passed=True, detail=why)
+
+
+def _loss_rise(name: str, s: EvalScores | None, what: str, rel: float, tol: float) -> Check:
     if s is None or s.examples == 0:
-        return Check(name=name, passed=True, detail="no examples: skipped")
+        return _skip(name, f"no {what}: skipped")
     if not _finite(s.parent, s.candidate):
-        return Check(name=name, passed=False, detail=f"non-finite loss ({s.parent} -> {s.candidate})")
+        return Check(name=name, passed=False, detail=f"non-finite loss on {what} ({s.parent} -> {s.candidate})",
+                     examples=s.examples)
     bound = s.parent * (1 + rel) + tol
     ok = s.candidate <= bound
-    return Check(name=name, passed=ok, detail=f"loss {s.parent:.4f} -> {s.candidate:.4f} (bound {bound:.4f})")
+    return Check(name=name, passed=ok, measured=s.candidate, bound=bound, examples=s.examples,
+                 detail=f"loss on {s.examples} {what} {s.parent:.4f} -> {s.candidate:.4f} "
+                        f"({'within' if ok else 'above'} bound {bound:.4f})")
 
 
-def judge(scores: dict[str, EvalScores], cfg: GateConfig, *, new_is_heldout: bool) -> Verdict:
+def _answers_lost(name: str, s: EvalScores | None, what: str, max_share: float) -> Check:
+    if s is None or s.examples == 0:
+        return _skip(name, f"no {what}: skipped")
+    if len(s.parent_exact) != s.examples or len(s.candidate_exact) != s.examples:
+        return Check(name=name, passed=False, detail=f"greedy answers on {what} were not scored", examples=s.examples)
+    kept_before = [i for i, ok in enumerate(s.parent_exact) if ok]
+    lost = [s.ids[i] if i < len(s.ids) else str(i) for i in kept_before if not s.candidate_exact[i]]
+    allowed = math.floor(max_share * len(kept_before))
+    ok = len(lost) <= allowed
+    now = sum(s.candidate_exact)
+    return Check(name=name, passed=ok, measured=float(len(lost)), bound=float(allowed), examples=s.examples,
+                 failing=lost,
+                 detail=f"{len(lost)} of the {len(kept_before)} {what} answered exactly before are no longer "
+                        f"(allowed {allowed}); exact now {now}/{s.examples}")
+
+
+def _kl(name: str, s: EvalScores | None, what: str, bound: float) -> Check:
+    if s is None or s.examples == 0:
+        return _skip(name, f"no {what}: skipped")
+    if not _finite(s.candidate_kl):
+        return Check(name=name, passed=False, detail=f"KL to the base on {what} was not measured",
+                     examples=s.examples)
+    ok = s.candidate_kl <= bound
+    before = f"{s.parent_kl:.4f} -> " if _finite(s.parent_kl) else ""
+    return Check(name=name, passed=ok, measured=s.candidate_kl, bound=bound, examples=s.examples,
+                 detail=f"KL(base || model) on {s.examples} {what}: {before}{s.candidate_kl:.4f} nats/token "
+                        f"({'within' if ok else 'above'} bound {bound:.4f})")
+
+
+def judge(scores: dict[str, EvalScores], cfg: GateConfig, *, heldout_note: str | None = None) -> Verdict:
+    """The verdict on a candidate from its eval scores (sets "new", "new_heldout", "anchor", "recall"; see the
+    module docstring). `heldout_note` explains why no new examples were held out (None when some were)."""
     checks = []
     new = scores.get("new")
-    where = "held-out" if new_is_heldout else "training"
     if new is None or new.examples == 0:
         checks.append(Check(name="new", passed=False, detail="no new examples were scored"))
     elif not _finite(new.parent, new.candidate):
-        checks.append(Check(name="new", passed=False, detail=f"non-finite loss ({new.parent} -> {new.candidate})"))
+        checks.append(Check(name="new", passed=False, examples=new.examples,
+                            detail=f"non-finite loss ({new.parent} -> {new.candidate})"))
     else:
         target = new.parent - cfg.min_new_loss_improvement
+        exact = f"; exact now {sum(new.candidate_exact)}/{new.examples}" if new.candidate_exact else ""
         checks.append(Check(
-            name="new", passed=new.candidate < target,
-            detail=f"loss on {new.examples} {where} new examples {new.parent:.4f} -> {new.candidate:.4f} (must be < {target:.4f})",
+            name="new", passed=new.candidate < target, measured=new.candidate, bound=target, examples=new.examples,
+            detail=f"loss on {new.examples} new examples trained on {new.parent:.4f} -> {new.candidate:.4f} "
+                   f"(must be < {target:.4f}){exact}",
         ))
-    checks.append(_bounded_rise("anchor", scores.get("anchor"), cfg.max_anchor_loss_increase, cfg.anchor_loss_tolerance))
-    checks.append(_bounded_rise("recall", scores.get("recall"), cfg.max_recall_loss_increase, cfg.anchor_loss_tolerance))
+    if heldout_note is not None:
+        checks.append(_skip("new_heldout", heldout_note))
+    else:
+        checks.append(_loss_rise("new_heldout", scores.get("new_heldout"), "held-out new examples",
+                                 cfg.max_anchor_loss_increase, cfg.anchor_loss_tolerance))
+    anchor = scores.get("anchor")
+    checks.append(_loss_rise("anchor_loss", anchor, "held-out anchors", cfg.max_anchor_loss_increase,
+                             cfg.anchor_loss_tolerance))
+    checks.append(_kl("anchor_kl", anchor, "held-out anchors", cfg.max_anchor_kl))
+    checks.append(_answers_lost("anchor_answers", anchor, "held-out anchors", cfg.max_anchor_answers_lost))
+    recall = scores.get("recall")
+    checks.append(_answers_lost("recall_answers", recall, "earlier learnt examples", cfg.max_answers_lost))
+    checks.append(_loss_rise("recall_loss", recall, "earlier learnt examples", cfg.max_recall_loss_increase,
+                             cfg.recall_loss_floor))
     failed = [c for c in checks if not c.passed]
     reason = "all checks passed" if not failed else "; ".join(f"{c.name}: {c.detail}" for c in failed)
     return Verdict(promote=not failed, reason=reason, checks=checks)

@@ -33,11 +33,13 @@ from .api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
+    RequeueRequest,
     RollbackRequest,
     TeachRequest,
     refused_field,
 )
 from .engine.base import AdapterLoadError, EngineError, InvalidParam, RequestTooLong, SamplingParams, TextDelta
+from .limits import TooLarge, check_feedback, check_teach, split_document
 from .textcheck import invalid_text
 from .tool_calls import ToolUse
 from .turns import TurnDone
@@ -267,6 +269,10 @@ class Operations:
         check_text(body)
         store = self.daemon.store
         try:
+            check_feedback(body, self.daemon.cfg.limits)
+        except TooLarge as e:
+            raise OpError("too_large", str(e), param=e.param) from None
+        try:
             out = store.add_feedback(body.interaction_id, rating=body.rating, correction=body.correction,
                                      comment=body.comment)
         except NotFound:
@@ -277,22 +283,42 @@ class Operations:
         return {**out, "pending_examples": store.count_pending()}
 
     def teach(self, body: TeachRequest) -> dict:
+        """Store taught pairs and documents; a document longer than `train.max_seq_len` tokens becomes several
+        consecutive document examples (`document_chunks` says how many per document)."""
         check_text(body)
         store = self.daemon.store
-        ids, added = [], 0
+        try:
+            check_teach(body, self.daemon.cfg.limits)
+        except TooLarge as e:
+            raise OpError("too_large", str(e), param=e.param) from None
+        tokenizer = getattr(self.daemon.engine, "tokenizer", None)
+        ids, added, chunks = [], 0, []
         try:
             for pair in body.examples:
                 ex, created = store.add_taught(pair.as_prompt(), pair.answer)
                 ids.append(ex.id)
                 added += created
             for doc in body.documents:
-                ex, created = store.add_document(doc)
-                ids.append(ex.id)
-                added += created
+                parts = split_document(tokenizer, doc, self.daemon.cfg.train.max_seq_len) if tokenizer else [doc]
+                chunks.append(len(parts))
+                for part in parts:
+                    ex, created = store.add_document(part)
+                    ids.append(ex.id)
+                    added += created
         except (InvalidInput, ValueError) as e:
             raise OpError("invalid_request", str(e)) from None
-        return {"example_ids": ids, "added": added, "duplicates": len(ids) - added,
+        return {"example_ids": ids, "added": added, "duplicates": len(ids) - added, "document_chunks": chunks,
                 "pending_examples": store.count_pending()}
+
+    def set_aside(self, limit: int = 100) -> dict:
+        """Examples kept out of training (a refused update's, or contradicting an earlier answer), with reasons."""
+        store = self.daemon.store
+        return {"data": store.set_aside_examples(limit=max(1, min(limit, 1000))), "total": store.count_set_aside()}
+
+    def requeue(self, body: RequeueRequest) -> dict:
+        """Make set-aside examples pending again (all when no ids are given)."""
+        store = self.daemon.store
+        return {"requeued": store.requeue(body.example_ids), "pending_examples": store.count_pending()}
 
     # -- updates and adapters -----------------------------------------------------------------------------------
     def status(self) -> dict:

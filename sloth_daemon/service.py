@@ -48,7 +48,7 @@ log = logging.getLogger("sloth_daemon")
 # Settings a SIGHUP applies while serving (the parts read them per request or per update); any other changed
 # setting (host, port, zmq, model, engine, device, state_dir, ...) needs a restart.
 LIVE_SETTINGS = ("log_level", "api_key", "shutdown_grace_s", "train", "mix", "gate", "schedule", "generation",
-                 "anchors")
+                 "anchors", "limits")
 STATUS_REFRESH_S = 2.0  # how often STATUS= is refreshed (pending counts change without an event)
 
 
@@ -170,7 +170,7 @@ class Daemon:
     async def _make_anchors(self) -> None:
         try:
             if self.cfg.anchors.enabled:
-                await ensure_anchors(self.store, self.engine, self.cfg.anchors.max_tokens)
+                await ensure_anchors(self.store, self.engine, self.cfg.anchors.max_tokens, self.updater.base_model)
         except Exception:
             log.exception("anchor generation failed; updates run without anchors")
         finally:
@@ -245,6 +245,8 @@ class Daemon:
             "engine": self.engine.name,
             "adapter": self.engine.current_adapter,
             "pending_examples": self.store.count_pending(),
+            "set_aside_examples": self.store.count_set_aside(),
+            "set_aside": self.store.set_aside_examples(limit=10),
             "anchors": self.store.count_anchors(),
             "interactions": self.store.count_interactions(),
             "update": self.updater.progress,

@@ -4,8 +4,12 @@ Contract:
 - `start(trigger)` claims the update slot in the replay store (one update at a time, across processes too), returns
   the update id at once and runs the rest as a background task; `NothingToTrain` when no new example waits,
   `UpdateAlreadyRunning` (from the store) when one runs.
-- Every update ends recorded in the store as `promoted`, `rejected` (gate failed, or the engine would not apply it)
-  or `failed` (trainer crashed, timed out, or the daemon stopped it); a failed update leaves its examples pending.
+- What an update trains on and what its gate judges is `planning.plan_update`'s plan; the new examples it trains on
+  are claimed in the store when training starts (they stop counting as pending).
+- Every update ends recorded in the store as `promoted`, `rejected` (gate failed, or the engine would not apply it,
+  or every new example contradicted an earlier answer) or `failed` (trainer crashed, timed out, or the daemon
+  stopped it). A failed update leaves its examples pending; a rejected one sets them aside with its reason
+  (`ReplayStore.requeue` makes them pending again); contradicting examples are set aside whatever the verdict.
 - The adapter becomes a registry version only once fully written; it is served only after the gate passed and the
   engine confirmed it applies it; CURRENT is switched last.
 """
@@ -15,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import shutil
 import time
 from pathlib import Path
@@ -23,13 +26,14 @@ from typing import Any, Callable
 
 import torch
 
-from sloth_replay import MixRatios, ReplayStore, build_batches, split_holdout
+from sloth_replay import MixRatios, ReplayStore, build_batches
 
 from . import testhooks
 from .adapters import AdapterRegistry
 from .config import DaemonConfig
 from .engine.base import AdapterLoadError, Engine
 from .gate import judge
+from .planning import Plan, plan_update
 from .trainer.job import LoraSpec, TrainExample, TrainJob
 from .trainer.process import TrainerFailed, TrainerProcess
 
@@ -42,12 +46,6 @@ class NothingToTrain(RuntimeError):
 
 def _train_examples(examples: list[Any]) -> list[TrainExample]:
     return [TrainExample(id=e.id, kind=e.kind, prompt=e.prompt, answer=e.answer) for e in examples]
-
-
-def _sample(examples: list[Any], n: int, seed: int) -> list[Any]:
-    if len(examples) <= n:
-        return list(examples)
-    return random.Random(seed).sample(examples, n)
 
 
 class Updater:
@@ -103,25 +101,18 @@ class Updater:
             return self.cfg.device
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def _job(self, update_id: int, staging: Path) -> tuple[TrainJob, list[str], bool]:
+    def _job(self, update_id: int, staging: Path) -> tuple[TrainJob | None, Plan]:
         cfg, tc = self.cfg, self.cfg.train
         seed = tc.seed + update_id
-        pending = self.store.pending_examples()
-        train_new, heldout = split_holdout(
-            pending, fraction=cfg.gate.holdout_fraction, min_examples=cfg.gate.min_holdout_examples, seed=seed
-        )
-        replay, anchors = self.store.replay_pool(), self.store.anchors()
+        plan = plan_update(self.store.pending_examples(), self.store.replay_pool(), self.store.anchors(), cfg.gate,
+                           seed=seed)
+        if not plan.train_new:
+            return None, plan  # every new example contradicts an earlier answer
         batches = build_batches(
-            train_new, replay, anchors,
+            plan.train_new, plan.replay, plan.train_anchors,
             ratios=MixRatios(new=cfg.mix.new, replay=cfg.mix.replay, anchor=cfg.mix.anchor),
             steps=tc.steps, batch_size=tc.batch_size, seed=seed,
         )
-        n_eval = cfg.gate.max_eval_examples
-        eval_sets = {
-            "new": _train_examples(_sample(heldout or train_new, n_eval, seed)),
-            "anchor": _train_examples(_sample(anchors, n_eval, seed)),
-            "recall": _train_examples(_sample(replay, n_eval, seed)),
-        }
         device = self._device()
         current = self.registry.current()
         job = TrainJob(
@@ -129,7 +120,8 @@ class Updater:
             parent_adapter=str(self.registry.path(current)) if current else None,
             output_dir=str(staging),
             batches=[_train_examples(b) for b in batches],
-            eval_sets=eval_sets,
+            eval_sets={name: _train_examples(ex) for name, ex in plan.eval_sets.items()},
+            kl_sets=["anchor"],
             lora=LoraSpec(r=tc.lora_r, alpha=tc.lora_alpha, dropout=tc.lora_dropout, target_modules=tc.target_modules),
             learning_rate=tc.learning_rate,
             max_seq_len=tc.max_seq_len,
@@ -139,7 +131,7 @@ class Updater:
             device=device,
             seed=seed,
         )
-        return job, [e.id for e in pending], bool(heldout)
+        return job, plan
 
     def _on_progress(self, update_id: int, event: dict) -> None:
         if event.get("event") != "progress":
@@ -157,7 +149,16 @@ class Updater:
         try:
             await self.ready.wait()
             staging = self.registry.new_staging_dir()
-            job, example_ids, heldout = self._job(update_id, staging)
+            job, plan = self._job(update_id, staging)
+            if job is None:
+                reason = (f"nothing left to train: {len(plan.conflicts)} new example(s) contradict earlier answers "
+                          "and were set aside (see status)")
+                self.store.finish_update(update_id, status="rejected", adapter_version=None,
+                                         metrics={"plan": plan.summary()}, reason=reason, example_ids=[],
+                                         set_aside=plan.conflicts)
+                log.warning("update %d: %s", update_id, reason)
+                return
+            self.store.claim_examples(update_id, plan.trained_ids)
             self._trainer = TrainerProcess()
             # An engine may lend the trainer its GPU memory meanwhile (vLLM's sleep mode); serving pauses then.
             training = getattr(self.engine, "training", None)
@@ -167,16 +168,18 @@ class Updater:
                     lambda ev: self._on_progress(update_id, ev), self.cfg.train.timeout_s,
                 )
             self._stoppable = False
-            verdict = judge(result.eval, self.cfg.gate, new_is_heldout=heldout)
+            verdict = judge(result.eval, self.cfg.gate, heldout_note=plan.heldout_note)
             metrics = {"train": result.model_dump(exclude={"eval"}), "eval": {k: v.model_dump() for k, v in result.eval.items()},
-                       "gate": verdict.model_dump(), "heldout": heldout, "seconds": round(time.monotonic() - t0, 2)}
+                       "gate": verdict.model_dump(), "plan": plan.summary(),
+                       "seconds": round(time.monotonic() - t0, 2)}
+            example_ids = plan.trained_ids
             parent = self.registry.current()
             info = self.registry.commit(staging, parent=parent, update_id=update_id, metrics=metrics)
             staging = None
             if not verdict.promote:
                 self.registry.update_meta(info.version, status="rejected", reason=verdict.reason)
                 self.store.finish_update(update_id, status="rejected", adapter_version=info.version, metrics=metrics,
-                                         reason=verdict.reason, example_ids=example_ids)
+                                         reason=verdict.reason, example_ids=example_ids, set_aside=plan.conflicts)
                 log.warning("update %d: %s rejected: %s", update_id, info.version, verdict.reason)
                 return
             try:
@@ -184,11 +187,11 @@ class Updater:
             except AdapterLoadError as e:
                 self.registry.update_meta(info.version, status="rejected", reason=str(e))
                 self.store.finish_update(update_id, status="rejected", adapter_version=info.version, metrics=metrics,
-                                         reason=str(e), example_ids=example_ids)
+                                         reason=str(e), example_ids=example_ids, set_aside=plan.conflicts)
                 log.error("update %d: %s not served: %s", update_id, info.version, e)
                 return
             self.store.finish_update(update_id, status="promoted", adapter_version=info.version, metrics=metrics,
-                                     reason=None, example_ids=example_ids)
+                                     reason=None, example_ids=example_ids, set_aside=plan.conflicts)
             log.info("update %d: promoted %s (%s)", update_id, info.version, verdict.reason)
         except (TrainerFailed, asyncio.CancelledError, Exception) as e:
             reason = str(e) or type(e).__name__

@@ -30,7 +30,7 @@ def _greedy(client: OpenAI, model: str, prompt: str) -> str:
 
 def test_whole_loop_survives_restart(state_dir):
     # Only manual updates here, so the test decides when training happens.
-    env = {"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_TRAIN_STEPS": "60"}
+    env = {"SLOTH_SCHEDULE_ENABLED": "false"}  # the default recipe, as a new user gets it
     daemon = DaemonProcess(state_dir, env=env).start()
     try:
         client = OpenAI(base_url=daemon.url + "/v1", api_key="unused")
@@ -59,7 +59,13 @@ def test_whole_loop_survives_restart(state_dir):
             assert update["adapter_version"] == "v000001"
             status = http.get("/sloth/status").json()
             assert status["adapter"] == "v000001"
-            assert status["pending_examples"] == 0
+            assert status["pending_examples"] == 0 and status["set_aside_examples"] == 0
+            # every gate check is in status with its measurement and bound, judged on data it did not train on
+            checks = {c["name"]: c for c in status["recent_updates"][0]["metrics"]["gate"]["checks"]}
+            assert {"new", "new_heldout", "anchor_loss", "anchor_kl", "anchor_answers", "recall_answers",
+                    "recall_loss"} == set(checks)
+            assert checks["anchor_kl"]["passed"] and 0 <= checks["anchor_kl"]["measured"] <= checks["anchor_kl"]["bound"]
+            assert checks["anchor_kl"]["examples"] > 0 and "not held out: only 4" in checks["new_heldout"]["detail"]
 
         for q, a in FACTS:
             assert _greedy(client, model, q) == a

@@ -21,7 +21,7 @@ def greedy(http, prompt):
 
 
 def test_threshold_starts_exactly_one_update_that_learns_the_corrections(state_dir):
-    env = {"SLOTH_SCHEDULE_MIN_NEW_EXAMPLES": "2", "SLOTH_SCHEDULE_CHECK_SECONDS": "0.5", "SLOTH_TRAIN_STEPS": "60"}
+    env = {"SLOTH_SCHEDULE_MIN_NEW_EXAMPLES": "2", "SLOTH_SCHEDULE_CHECK_SECONDS": "0.5"}  # the default recipe
     daemon = DaemonProcess(state_dir, env=env).start()
     try:
         with daemon.http() as http:

@@ -2,7 +2,8 @@
 
 OpenAI-compatible: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with SSE streaming).
 Daemon: `POST /sloth/feedback`, `POST /sloth/teach`, `GET /sloth/status`, `POST /sloth/updates` (trigger),
-`GET /sloth/updates[/{id}]`, `GET /sloth/adapters`, `POST /sloth/adapters/rollback`, `GET /sloth/interactions`.
+`GET /sloth/updates[/{id}]`, `GET /sloth/adapters`, `POST /sloth/adapters/rollback`, `GET /sloth/interactions`,
+`GET /sloth/examples/set-aside`, `POST /sloth/examples/requeue`.
 `GET /health` is 200 once the daemon serves. Every error is an OpenAI-style body with a 4xx/5xx status.
 With `api_key` set every route but `/health` needs `Authorization: Bearer <key>` (`api/auth.py`); browsers on the
 origins in `cors_allowed_origins` may call the API (Starlette's CORSMiddleware; preflights need no key).
@@ -28,10 +29,17 @@ from ..operations import OpError, Operations, Turn, usage, validation_error
 from ..turns import Choice, TurnDone, new_turn_id
 from .auth import bearer_key_matches
 from .errors import APIError
-from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    RequeueRequest,
+    RollbackRequest,
+    TeachRequest,
+)
 
 _ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error",
-                "not_found": "not_found_error", "conflict": "conflict_error"}
+                "not_found": "not_found_error", "conflict": "conflict_error", "too_large": "invalid_request_error"}
 
 
 def api_error(e: OpError) -> APIError:
@@ -65,6 +73,15 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        limit = cfg.limits.max_request_bytes
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            return APIError(413, f"the request body is {size} bytes; the limit is {limit} (limits.max_request_bytes)",
+                            type="invalid_request_error", code="request_too_large").response()
+        return await call_next(request)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -178,6 +195,14 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     @app.post("/sloth/teach")
     async def teach(body: TeachRequest) -> dict:
         return ops.teach(body)
+
+    @app.get("/sloth/examples/set-aside")
+    async def set_aside(limit: int = 100) -> dict:
+        return ops.set_aside(limit)
+
+    @app.post("/sloth/examples/requeue")
+    async def requeue(body: RequeueRequest) -> dict:
+        return ops.requeue(body)
 
     # -- updates and adapters -----------------------------------------------------------------------------------
     @app.get("/sloth/status")

@@ -339,6 +339,11 @@ class TeachRequest(BaseModel):
         return self
 
 
+class RequeueRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    example_ids: list[str] | None = Field(None, description="set-aside examples to make pending again; none = all")
+
+
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str = Field(description="an adapter version such as v000002, or 'base' for no adapter")

@@ -40,7 +40,14 @@ from ..engine.base import TextDelta
 from ..engine.logprobs import chat_logprobs, completion_logprobs
 from ..operations import OpError, Operations, check_text, parse, usage
 from ..turns import TurnDone
-from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, RollbackRequest, TeachRequest
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    RequeueRequest,
+    RollbackRequest,
+    TeachRequest,
+)
 from .zmq_protocol import ENVELOPE_KEYS, MAX_IPC_PATH_BYTES, OPS, VERSION, ProtocolError, decode, encode, valid_id
 
 
@@ -373,6 +380,10 @@ class ZmqServer:
         if op == "interactions":
             q = parse(_InteractionsQuery, fields)
             return ops.interactions(q.limit, q.offset)
+        if op == "set_aside":
+            return ops.set_aside(parse(_InteractionsQuery, fields).limit)
+        if op == "requeue":
+            return ops.requeue(parse(RequeueRequest, fields))
         raise OpError("internal", f"op {op!r} has no handler")
 
     async def _generate(self, req: _Request, op: str, fields: dict) -> None:

@@ -32,6 +32,7 @@ class TrainJob(BaseModel):
     output_dir: str                        # staging folder the adapter is written into
     batches: list[list[TrainExample]]      # one inner list per optimizer step, already mixed
     eval_sets: dict[str, list[TrainExample]] = {}   # "new", "anchor", "recall": scored before and after training
+    kl_sets: list[str] = []                # eval sets whose KL to the base model is measured too (`scoring`)
     lora: LoraSpec = LoraSpec()
     learning_rate: float = 2e-3
     max_seq_len: int = 512
@@ -43,9 +44,22 @@ class TrainJob(BaseModel):
 
 
 class EvalScores(BaseModel):
-    parent: float | None    # mean answer-token loss before the update (parent adapter, or base model)
-    candidate: float | None  # after the update
+    """One eval set's scores before (parent adapter, or base model) and after the update (candidate).
+
+    `parent`/`candidate`: token-weighted mean answer-token loss (nats/token); the lists hold per-example values
+    in the order of `ids` (`trainer.scoring`: loss, greedy exactness); `*_kl`: mean over examples of the
+    per-token KL(base || model) in nats, for sets named in `TrainJob.kl_sets` only."""
+
+    parent: float | None
+    candidate: float | None
     examples: int
+    ids: list[str] = []
+    parent_losses: list[float] = []
+    candidate_losses: list[float] = []
+    parent_exact: list[bool] = []
+    candidate_exact: list[bool] = []
+    parent_kl: float | None = None
+    candidate_kl: float | None = None
 
 
 class TrainResult(BaseModel):

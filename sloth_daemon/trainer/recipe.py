@@ -16,6 +16,7 @@ import torch
 
 from ..prompting import IGNORE_INDEX, encode_example
 from .job import EvalScores, TrainExample, TrainJob, TrainResult
+from .scoring import score_eval_sets
 
 Emit = Callable[[dict], None]
 
@@ -84,29 +85,6 @@ def collate(tokenizer: Any, examples: list[TrainExample], max_len: int, device: 
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-@torch.no_grad()
-def mean_answer_loss(model: Any, tokenizer: Any, examples: list[TrainExample], max_len: int, device: torch.device,
-                     batch_size: int = 8) -> float | None:
-    """Token-weighted mean loss over the answer tokens of `examples` (None when there are none)."""
-    if not examples:
-        return None
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(tokenizer, examples[i : i + batch_size], max_len, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )
-        total += loss.item()
-        count += int((shift_labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def run(job: TrainJob, emit: Emit) -> TrainResult:
     t0 = time.monotonic()
     torch.manual_seed(job.seed)
@@ -116,8 +94,9 @@ def run(job: TrainJob, emit: Emit) -> TrainResult:
     kernels = maybe_patch(model, job, emit)
     emit({"event": "log", "message": f"loaded {job.base_model} on {device} quantize={job.quantize}"})
 
-    scores = {name: {"parent": mean_answer_loss(model, tokenizer, ex, job.max_seq_len, device), "n": len(ex)}
+    scores = {name: EvalScores(parent=None, candidate=None, examples=len(ex), ids=[e.id for e in ex])
               for name, ex in job.eval_sets.items()}
+    score_eval_sets(model, tokenizer, job, scores, "parent", collate)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
@@ -141,8 +120,7 @@ def run(job: TrainJob, emit: Emit) -> TrainResult:
         tokens += int(batch["attention_mask"].sum())
         emit({"event": "progress", "step": step + 1, "steps": steps, "loss": losses[-1]})
 
-    for name, ex in job.eval_sets.items():
-        scores[name]["candidate"] = mean_answer_loss(model, tokenizer, ex, job.max_seq_len, device)
+    score_eval_sets(model, tokenizer, job, scores, "candidate", collate)
     model.save_pretrained(job.output_dir)
     return TrainResult(
         steps=steps,
@@ -153,5 +131,5 @@ def run(job: TrainJob, emit: Emit) -> TrainResult:
         device=str(device),
         quantized=job.quantize == "nf4",
         kernels=kernels,
-        eval={k: EvalScores(parent=v["parent"], candidate=v.get("candidate"), examples=v["n"]) for k, v in scores.items()},
+        eval=scores,
     )

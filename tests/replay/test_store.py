@@ -59,7 +59,7 @@ def log(store, id, *, kind="chat", prompt=None, response="Paris.", **overrides):
 
 def test_creates_file_in_wal_mode_at_latest_schema(store, db_path):
     assert db_path.is_file()
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     conn = sqlite3.connect(db_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -187,18 +187,51 @@ def test_feedback_derivation_rules(store):
     ex = store.get_example(fix["example_id"])
     assert (ex.kind, ex.prompt, ex.answer, ex.source) == ("completion", "The capital of France is", " Paris", "correction")
 
-    # a later, different correction of the same turn is a new example; the same correction again is deduped
+    # a later, different correction of the same turn replaces the earlier one (the latest wins); the first again
+    # brings it back (deduped) and withdraws the second
     again = store.add_feedback("cmpl-fix", correction=" Paris, of course")
-    assert again["example_id"] not in (None, fix["example_id"])
+    assert again["example_id"] not in (None, fix["example_id"]) and again["withdrawn"] == [fix["example_id"]]
     same = store.add_feedback("cmpl-fix", correction=" Paris")
-    assert same["example_id"] == fix["example_id"]
+    assert same["example_id"] == fix["example_id"] and same["withdrawn"] == [again["example_id"]]
     assert len({up["feedback_id"], down["feedback_id"], fix["feedback_id"], again["feedback_id"], same["feedback_id"]}) == 5
 
     assert {e.source for e in store.pending_examples()} == {"rated_up", "correction"}
-    assert store.count_pending() == 3
+    assert store.count_pending() == 2 and store.stats()["withdrawn"] == 1
     st = store.stats()
     assert st["feedback"] == {"total": 5, "up": 1, "down": 2, "corrections": 3}
     assert st["examples"]["correction"] == 2 and st["examples"]["rated_up"] == 1
+
+
+def test_latest_feedback_on_a_turn_wins(store):
+    log(store, "t1", response="Berlin.")
+    fix = store.add_feedback("t1", rating="down", correction="Paris.")
+    up = store.add_feedback("t1", rating="up")  # endorses the fix; the bad answer is not added
+    assert up["example_id"] == fix["example_id"] and up["withdrawn"] == []
+    assert [e.answer for e in store.pending_examples()] == ["Paris."]
+    down = store.add_feedback("t1", rating="down")  # takes the fix back too
+    assert down["example_id"] is None and down["withdrawn"] == [fix["example_id"]]
+    assert store.pending_examples() == []
+
+    log(store, "t2", response="Rome.")
+    liked = store.add_feedback("t2", rating="up")
+    assert store.add_feedback("t2", rating="down")["withdrawn"] == [liked["example_id"]]
+    assert store.add_feedback("t2", rating="up")["example_id"] == liked["example_id"]  # and back again
+    assert [e.answer for e in store.pending_examples()] == ["Rome."]
+
+    # what an update already trained on stays learnt (forgetting is explicit) and is reported
+    u = store.begin_update(trigger="manual", base_adapter=None)
+    store.finish_update(u, status="promoted", adapter_version="v000001", metrics={}, reason=None,
+                        example_ids=[liked["example_id"]])
+    late = store.add_feedback("t2", rating="down")
+    assert late["withdrawn"] == [] and late["already_learnt"] == [liked["example_id"]]
+    assert [e.answer for e in store.replay_pool()] == ["Rome."]
+
+    # an answer also taught directly is not withdrawn by a turn's feedback
+    log(store, "t3", response="Madrid.")
+    taught, _ = store.add_taught(CHAT, "Madrid.")
+    assert store.add_feedback("t3", rating="up")["example_id"] == taught.id
+    assert store.add_feedback("t3", rating="down")["withdrawn"] == []
+    assert taught.id in [e.id for e in store.pending_examples()]
 
 
 def test_feedback_errors(store):
@@ -264,11 +297,17 @@ def test_example_life_cycle_across_updates(store):
     rejected = store.begin_update(trigger="threshold", base_adapter=None)
     store.finish_update(rejected, status="rejected", adapter_version=None, metrics={"held_out_loss": 2.0},
                         reason="held-out loss did not improve", example_ids=[a.id])
-    assert [e.id for e in store.pending_examples()] == [b.id]
+    assert [e.id for e in store.pending_examples()] == [b.id]  # a rejected update's examples are set aside
     assert store.replay_pool() == []
+    aside = store.set_aside_examples()
+    assert [(r["example_id"], r["update_id"]) for r in aside] == [(a.id, rejected)]
+    assert aside[0]["reason"] == f"update {rejected} rejected: held-out loss did not improve"
+    assert aside[0]["example"]["answer"] == "A" and store.count_set_aside() == 1
 
     c, _ = store.add_taught("c?", "C")
     promoted = store.begin_update(trigger="interval", base_adapter=None)
+    store.claim_examples(promoted, [b.id])  # training on b: no longer counted as pending
+    assert [e.id for e in store.pending_examples()] == [c.id] and store.count_pending() == 1
     store.finish_update(promoted, status="promoted", adapter_version="v000001", metrics={"held_out_loss": 0.5},
                         reason=None, example_ids=[b.id, c.id, anchor.id])
     assert store.pending_examples() == [] and store.count_pending() == 0
@@ -284,7 +323,48 @@ def test_example_life_cycle_across_updates(store):
     assert [u["id"] for u in store.list_updates(limit=1)] == [promoted]
     st = store.stats()
     assert st["updates"] == {"running": 0, "promoted": 1, "rejected": 1, "failed": 1, "total": 3}
-    assert (st["pending"], st["replay_pool"], st["anchors"]) == (0, 2, 1)
+    assert (st["pending"], st["replay_pool"], st["anchors"], st["set_aside"]) == (0, 2, 1, 1)
+    assert store.requeue() == 1 and store.count_set_aside() == 0
+    assert [e.id for e in store.pending_examples()] == [a.id]  # asked again: pending, its history kept
+
+
+def test_contradicting_examples_set_aside_with_any_verdict(store):
+    a, _ = store.add_taught("a?", "A")
+    b, _ = store.add_taught("b?", "B")
+    u = store.begin_update(trigger="manual", base_adapter=None)
+    store.claim_examples(u, [a.id])
+    store.finish_update(u, status="promoted", adapter_version="v000001", metrics={}, reason=None,
+                        example_ids=[a.id], set_aside={b.id: "contradicts learnt example x"})
+    assert store.pending_examples() == [] and [e.id for e in store.replay_pool()] == [a.id]
+    assert [(r["example_id"], r["reason"]) for r in store.set_aside_examples()] == [
+        (b.id, "contradicts learnt example x")]
+    assert store.requeue([b.id, "ex_unknown"]) == 1 and [e.id for e in store.pending_examples()] == [b.id]
+
+
+def test_claimed_examples_of_a_failed_update_are_pending_again(store):
+    a, _ = store.add_taught("a?", "A")
+    u = store.begin_update(trigger="manual", base_adapter=None)
+    store.claim_examples(u, [a.id])
+    assert store.count_pending() == 0 and store.stats()["pending"] == 0
+    store.fail_running_updates("daemon crashed")
+    assert [e.id for e in store.pending_examples()] == [a.id]
+
+
+def test_v3_migration_sets_aside_what_rejected_updates_consumed(db_path):
+    db_path.parent.mkdir(parents=True)
+    db = Database(sqlite3.connect(db_path, isolation_level=None))
+    migrate(db, target=2)
+    for ex, answer in (("ex_a", "A"), ("ex_b", "B")):
+        db["examples"].insert({"id": ex, "content_hash": ex, "kind": "completion", "prompt": json.dumps(ex + "?"),
+                               "answer": answer, "source": "teach", "created_at": "2026-01-01T00:00:00+00:00"})
+    db["updates"].insert({"id": 1, "trigger": "manual", "status": "rejected", "started_at": "t", "reason": "bad"})
+    db["updates"].insert({"id": 2, "trigger": "manual", "status": "promoted", "started_at": "t"})
+    db["update_examples"].insert_all([{"update_id": 1, "example_id": "ex_a"}, {"update_id": 1, "example_id": "ex_b"},
+                                      {"update_id": 2, "example_id": "ex_b"}])
+    assert migrate(db) == 3
+    rows = list(db.query("SELECT example_id, update_id, reason FROM set_aside"))
+    assert rows == [{"example_id": "ex_a", "update_id": 1, "reason": "update 1 rejected: bad"}]
+    db.conn.close()
 
 
 def test_update_errors(store):
