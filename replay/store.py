@@ -365,10 +365,12 @@ class ReplayStore:
         - a correction -> the corrected answer (source "correction"), whatever the rating;
         - "up" alone -> the turn's latest correction if it has one (an "up" after a fix endorses the fix, it does
           not add the bad answer), else the logged response (source "rated_up");
-        - "down" alone -> none.
-        Examples that earlier feedback on this turn derived and that this one replaces are *withdrawn* if no update
-        has trained on them yet and nothing else (teaching, another turn's feedback) also gave them; ones already
-        learnt stay learnt (forgetting them is a separate, explicit action) and are returned as `already_learnt`.
+        - "down" alone -> none, and it takes back an earlier "up" of the logged response (a correction stays: the
+          answer it replaced was the bad one).
+        Examples that earlier feedback on this turn derived and that this one replaces (a correction or an "up":
+        every other one; a "down": the logged response's) are *withdrawn* if no update has trained on them yet and
+        nothing else (teaching, another turn's feedback) also gave them; ones already learnt stay learnt
+        (forgetting them is a separate, explicit action) and are returned as `already_learnt`.
         Returns feedback_id, interaction_id, example_id, withdrawn (ids), already_learnt (ids)."""
         if rating not in (None, "up", "down"):
             raise InvalidInput(f"rating must be 'up' or 'down', not {rating!r}")
@@ -416,9 +418,11 @@ class ReplayStore:
             if keep is not None:
                 db.execute("DELETE FROM withdrawn WHERE example_id = ?", [keep])  # given again: it counts again
             withdrawn, learnt = [], []
-            for old in dict.fromkeys(earlier):
-                if old == keep:
-                    continue
+            replaced = [e for e in dict.fromkeys(earlier) if e != keep]
+            if correction is None and rating == "down":
+                replaced = [e for e in replaced if db.execute(
+                    "SELECT 1 FROM examples WHERE id = ? AND answer = ?", [e, inter["response"]]).fetchone()]
+            for old in replaced:
                 if self._learnt(db, old):
                     learnt.append(old)
                 elif not self._given_elsewhere(db, old, interaction_id):

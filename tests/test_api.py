@@ -130,8 +130,9 @@ def test_feedback_rules(http, model):
     assert down["example_id"] is None and down["pending_examples"] == pending  # a thumbs-down alone teaches nothing
     fixed = http.post("/sloth/feedback", json={"interaction_id": turn["id"], "correction": "Something!"}).json()
     assert fixed["example_id"] and fixed["pending_examples"] == pending + 1
+    # the latest feedback wins: an "up" after the fix endorses the fix, it does not add the answer that was fixed
     up = http.post("/sloth/feedback", json={"interaction_id": turn["id"], "rating": "up"}).json()
-    assert up["example_id"] and up["pending_examples"] == pending + 2
+    assert up["example_id"] == fixed["example_id"] and up["pending_examples"] == pending + 1
     assert_error(http.post("/sloth/feedback", json={"interaction_id": turn["id"]}), 400)
     assert_error(http.post("/sloth/feedback", json={"interaction_id": "chatcmpl-nope", "rating": "up"}), 404,
                  param="interaction_id")

@@ -153,7 +153,7 @@ def test_feedback_and_teach_share_the_store_with_http(peer, http, zd):
     assert out["example_id"] and out["pending_examples"] == pending + 1
     # the same turn, rated over HTTP: one store, one id space
     up = http.post("/sloth/feedback", json={"interaction_id": turn["interaction_id"], "rating": "up"}).json()
-    assert up["pending_examples"] == pending + 2
+    assert up["pending_examples"] == pending + 1 and up["example_id"] == out["example_id"]  # endorses the fix
     http_turn = http.post("/v1/chat/completions", json={"model": "sloth-tiny", "max_tokens": 4,
                                                         "messages": [{"role": "user", "content": "Hi"}]}).json()
     assert peer.result("feedback", interaction_id=http_turn["id"], rating="down")["example_id"] is None

@@ -208,15 +208,17 @@ def test_latest_feedback_on_a_turn_wins(store):
     up = store.add_feedback("t1", rating="up")  # endorses the fix; the bad answer is not added
     assert up["example_id"] == fix["example_id"] and up["withdrawn"] == []
     assert [e.answer for e in store.pending_examples()] == ["Paris."]
-    down = store.add_feedback("t1", rating="down")  # takes the fix back too
-    assert down["example_id"] is None and down["withdrawn"] == [fix["example_id"]]
-    assert store.pending_examples() == []
+    down = store.add_feedback("t1", rating="down")  # rates the logged answer: the fix stays
+    assert down["example_id"] is None and down["withdrawn"] == []
+    assert [e.answer for e in store.pending_examples()] == ["Paris."]
+    assert store.add_feedback("t1", correction="Paris, France.")["withdrawn"] == [fix["example_id"]]
+    assert [e.answer for e in store.pending_examples()] == ["Paris, France."]
 
     log(store, "t2", response="Rome.")
     liked = store.add_feedback("t2", rating="up")
     assert store.add_feedback("t2", rating="down")["withdrawn"] == [liked["example_id"]]
     assert store.add_feedback("t2", rating="up")["example_id"] == liked["example_id"]  # and back again
-    assert [e.answer for e in store.pending_examples()] == ["Rome."]
+    assert [e.answer for e in store.pending_examples()] == ["Paris, France.", "Rome."]
 
     # what an update already trained on stays learnt (forgetting is explicit) and is reported
     u = store.begin_update(trigger="manual", base_adapter=None)
