@@ -30,7 +30,14 @@ class _Section(BaseModel):
 class TrainConfig(_Section):
     """How one update trains (the recipe in `sloth_daemon.trainer.recipe`)."""
 
-    steps: int = Field(120, ge=1, description="optimizer steps per update")
+    steps: int | None = Field(
+        None, ge=1, description="mixed batches per update; unset = derived from the data (epochs, min/max_steps)"
+    )
+    epochs: float = Field(2.0, gt=0, description="passes over the new examples per update (when steps is unset)")
+    min_steps: int = Field(
+        120, ge=1, description="least batches per derived update (few new examples need repeats; 120 is what bench_retention tuned the learning rate with)"
+    )
+    max_steps: int = Field(2000, ge=1, description="most batches per derived update")
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(3e-4, gt=0, description="AdamW peak rate (tuned by benchmarks/bench_retention.py)")
     lora_r: int = Field(16, ge=1)
@@ -51,6 +58,19 @@ class TrainConfig(_Section):
     )
     seed: int = 0
     timeout_s: float = Field(3600, gt=0, description="an update running longer is killed and recorded as failed")
+    warm: bool = Field(True, description="keep one trainer process with the base model loaded between updates")
+    pack: bool = Field(True, description="pack each step's examples into rows of max_seq_len tokens")
+    step_tokens: int | Literal["auto"] = Field(
+        "auto", description="with pack: merge consecutive batches into optimizer steps of about this many tokens; "
+        "0 = one batch per step; auto = 4096 on CUDA, 0 on CPU"
+    )
+
+    @field_validator("step_tokens")
+    @classmethod
+    def _step_tokens(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return v
 
 
 class MixConfig(_Section):

@@ -71,9 +71,11 @@ def resolve_model(cfg: DaemonConfig) -> tuple[Path, str]:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"--model {cfg.model}: no Hugging Face model folder there (config.json missing)")
         return path, cfg.served_model_name or path.name
-    from .default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    from .default_model import DEFAULT_MODEL_NAME, check_problem, ensure_default_model, read_build_info
 
     path = ensure_default_model(cfg.models_dir, progress=lambda m: log.info("default model: %s", m))
+    if problem := check_problem(read_build_info(path)):
+        log.warning("%s", problem)
     return path, cfg.served_model_name or DEFAULT_MODEL_NAME
 
 
@@ -181,6 +183,7 @@ class Daemon:
             await self.zmq.stop()
         self.scheduler.shutdown()
         await self.updater.stop()
+        await self.updater.close()
         for task in list(self._background):
             task.cancel()
         await self.engine.stop()

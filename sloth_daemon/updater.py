@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from sloth_replay import MixRatios, ReplayStore, build_batches
+from sloth_replay import MixRatios, ReplayStore, batch_counts, build_batches
 
 from . import testhooks
 from .adapters import AdapterRegistry
@@ -35,7 +35,9 @@ from .engine.base import AdapterLoadError, Engine
 from .gate import judge
 from .planning import Plan, plan_update
 from .trainer.job import LoraSpec, TrainExample, TrainJob
+from .trainer.plan import planned_steps, step_tokens
 from .trainer.process import TrainerFailed, TrainerProcess
+from .trainer.warm import WarmTrainer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,9 @@ class Updater:
         self.on_change = on_change  # told when progress or the served version changes (status lines)
         self.ready = asyncio.Event()  # set once anchors exist (or are disabled): updates wait for it
         self._task: asyncio.Task | None = None
-        self._trainer: TrainerProcess | None = None
+        self._trainer: TrainerProcess | WarmTrainer | None = None
+        self._warm: WarmTrainer | None = None  # the long-lived trainer (train.warm), kept between updates
+        self._timeline: dict[str, float] = {}  # wall-clock time (s) at which each phase of the running update ended
         self._swap_lock = asyncio.Lock()
         self._stop_reason: str | None = None  # set by stop(): the reason the stopped update is recorded with
         self._stoppable = False  # True until training ends; past that (gate, commit, swap) an update runs to its end
@@ -74,6 +78,7 @@ class Updater:
         if self.store.count_pending() == 0:
             raise NothingToTrain("no new training examples are waiting; teach, correct or rate answers first")
         update_id = self.store.begin_update(trigger=trigger, base_adapter=self.registry.current())
+        self._timeline = {"trigger": time.time()}
         self.progress = {"update_id": update_id, "progress": 0.0, "message": "starting"}
         self._stoppable = True
         self._task = asyncio.get_running_loop().create_task(self._run(update_id), name=f"update-{update_id}")
@@ -95,6 +100,23 @@ class Updater:
             self._task.cancel()
         await asyncio.wait({self._task}, timeout=30)
 
+    async def close(self) -> None:
+        """End the warm trainer (the daemon is stopping; call after `stop`)."""
+        if self._warm is not None:
+            await self._warm.close()
+            self._warm = None
+
+    def _warm_wanted(self) -> bool:
+        # A vLLM that sleeps through updates wants the GPU back whole afterwards: no base may stay resident.
+        return self.cfg.train.warm and not (self.cfg.engine == "vllm" and self.cfg.vllm.sleep_during_updates)
+
+    def _trainer_for_update(self) -> TrainerProcess | WarmTrainer:
+        if not self._warm_wanted():
+            return TrainerProcess()
+        if self._warm is None:
+            self._warm = WarmTrainer(self.cfg.runs_dir / "warm-trainer.log")
+        return self._warm
+
     # -- the update itself ----------------------------------------------------------------------------------------
     def _device(self) -> str:
         if self.cfg.device != "auto":
@@ -108,10 +130,12 @@ class Updater:
                            seed=seed)
         if not plan.train_new:
             return None, plan  # every new example contradicts an earlier answer
+        ratios = MixRatios(new=cfg.mix.new, replay=cfg.mix.replay, anchor=cfg.mix.anchor)
+        new_per_batch, _, _ = batch_counts(ratios, tc.batch_size, has_replay=bool(plan.replay),
+                                           has_anchors=bool(plan.train_anchors))
         batches = build_batches(
-            plan.train_new, plan.replay, plan.train_anchors,
-            ratios=MixRatios(new=cfg.mix.new, replay=cfg.mix.replay, anchor=cfg.mix.anchor),
-            steps=tc.steps, batch_size=tc.batch_size, seed=seed,
+            plan.train_new, plan.replay, plan.train_anchors, ratios=ratios,
+            steps=planned_steps(tc, len(plan.train_new), new_per_batch), batch_size=tc.batch_size, seed=seed,
         )
         device = self._device()
         current = self.registry.current()
@@ -130,10 +154,16 @@ class Updater:
             offload=tc.offload_activations,
             device=device,
             seed=seed,
+            pack=tc.pack,
+            step_tokens=step_tokens(tc, device),
         )
         return job, plan
 
     def _on_progress(self, update_id: int, event: dict) -> None:
+        if event.get("event") == "phase":
+            self._timeline[event["phase"]] = event["time"]
+            log.debug("update %d: %s done", update_id, event["phase"])
+            return
         if event.get("event") != "progress":
             log.info("update %d: %s", update_id, event.get("message", event))
             return
@@ -159,7 +189,10 @@ class Updater:
                 log.warning("update %d: %s", update_id, reason)
                 return
             self.store.claim_examples(update_id, plan.trained_ids)
-            self._trainer = TrainerProcess()
+            if self._warm is not None and not self._warm_wanted():
+                await self.close()  # switched off by a reload
+            self._trainer = self._trainer_for_update()
+            self._timeline["job"] = time.time()
             # An engine may lend the trainer its GPU memory meanwhile (vLLM's sleep mode); serving pauses then.
             training = getattr(self.engine, "training", None)
             async with training() if training is not None else contextlib.nullcontext():
@@ -170,11 +203,12 @@ class Updater:
             self._stoppable = False
             verdict = judge(result.eval, self.cfg.gate, heldout_note=plan.heldout_note)
             metrics = {"train": result.model_dump(exclude={"eval"}), "eval": {k: v.model_dump() for k, v in result.eval.items()},
-                       "gate": verdict.model_dump(), "plan": plan.summary(),
+                       "gate": verdict.model_dump(), "plan": plan.summary(), "timeline": self._timeline,
                        "seconds": round(time.monotonic() - t0, 2)}
             example_ids = plan.trained_ids
             parent = self.registry.current()
             info = self.registry.commit(staging, parent=parent, update_id=update_id, metrics=metrics)
+            self._timeline["commit"] = time.time()
             staging = None
             if not verdict.promote:
                 self.registry.update_meta(info.version, status="rejected", reason=verdict.reason)
@@ -184,6 +218,7 @@ class Updater:
                 return
             try:
                 await self.promote(info.version)
+                self._timeline["swap"] = time.time()
             except AdapterLoadError as e:
                 self.registry.update_meta(info.version, status="rejected", reason=str(e))
                 self.store.finish_update(update_id, status="rejected", adapter_version=info.version, metrics=metrics,

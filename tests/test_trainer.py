@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -124,3 +126,105 @@ def test_gpu_recipe_with_kernels_matches_without(tiny_model, tmp_path):
     assert patched.first_loss == pytest.approx(plain.first_loss, rel=1e-2)
     for r in (patched, plain):
         assert r.eval["new"].candidate < 0.7 * r.eval["new"].parent
+
+
+# --- the warm trainer ------------------------------------------------------------------------------------------------
+
+from sloth_daemon.trainer.warm import WarmTrainer  # noqa: E402
+
+
+def test_warm_trainer_reuses_its_base_and_trains_like_a_cold_one(tiny_model, tmp_path):
+    """Two updates through one warm trainer: the second reuses the loaded base (same process, no load phase) and
+    its figures equal those of the same job run in a fresh process; packing on, as the daemon runs it."""
+
+    async def two_jobs():
+        warm = WarmTrainer(tmp_path / "warm.log")
+        try:
+            outs = []
+            for i, parent in enumerate((None, str(tmp_path / "w0"))):
+                out = tmp_path / f"w{i}"
+                out.mkdir()
+                j = job(tiny_model, out, steps=12, parent=parent)
+                j.pack = True
+                outs.append((await warm.run(j, tmp_path / f"run{i}", lambda e: None, 300), warm.pid))
+            return outs
+        finally:
+            await warm.close()
+
+    (first, pid1), (second, pid2) = asyncio.run(two_jobs())
+    assert pid1 == pid2 and pid1 is not None
+    assert not first.warm and "load" in first.phases
+    assert second.warm and "load" not in second.phases and second.phases["train"] > 0
+    # The second job continued from the first's adapter on the same base: its "before" is the first's "after".
+    assert second.eval["new"].parent == pytest.approx(first.eval["new"].candidate, rel=1e-4)
+    out = tmp_path / "cold"
+    out.mkdir()
+    j = job(tiny_model, out, steps=12, parent=str(tmp_path / "w0"))
+    j.pack = True
+    cold, _ = train(j, tmp_path / "run-cold")
+    assert not cold.warm
+    assert cold.first_loss == pytest.approx(second.first_loss, rel=1e-5)
+    assert cold.last_loss == pytest.approx(second.last_loss, rel=1e-4)
+    assert cold.eval["new"].candidate == pytest.approx(second.eval["new"].candidate, rel=1e-4)
+    assert (tmp_path / "w1" / "adapter_model.safetensors").exists()
+
+
+def test_warm_trainer_crash_fails_the_update_and_the_next_one_starts_fresh(tiny_model, tmp_path):
+    async def scenario():
+        warm = WarmTrainer(tmp_path / "warm.log")
+        try:
+            # A job that raises inside the child (no such parent adapter) ends the process with its traceback.
+            bad_out = tmp_path / "bad"
+            bad_out.mkdir()
+            with pytest.raises(TrainerFailed, match="exited with code"):
+                await warm.run(job(tiny_model, bad_out, steps=2, parent=str(tmp_path / "missing")),
+                               tmp_path / "run-bad", lambda e: None, 300)
+            assert warm.pid is None
+            assert "missing" in (tmp_path / "run-bad" / "trainer.log").read_text()
+
+            # Killed from outside in the middle of training (OOM killer, a crash in native code).
+            out = tmp_path / "killed"
+            out.mkdir()
+            pids = []
+
+            def on_event(event):
+                if event.get("event") == "progress" and not pids:
+                    pids.append(warm.pid)
+                    os.kill(warm.pid, signal.SIGKILL)
+
+            with pytest.raises(TrainerFailed):
+                await warm.run(job(tiny_model, out, steps=10_000), tmp_path / "run-killed", on_event, 300)
+            assert pids and not (out / "adapter_config.json").exists()
+
+            ok = tmp_path / "ok"
+            ok.mkdir()
+            result = await warm.run(job(tiny_model, ok, steps=5), tmp_path / "run-ok", lambda e: None, 300)
+            assert warm.pid not in (None, pids[0])
+            return result
+        finally:
+            await warm.close()
+
+    result = asyncio.run(scenario())
+    assert not result.warm and (tmp_path / "ok" / "adapter_model.safetensors").exists()
+
+
+def test_stopping_a_warm_update_kills_the_trainer_at_once(tiny_model, tmp_path):
+    async def scenario():
+        warm = WarmTrainer(tmp_path / "warm.log")
+        out = tmp_path / "stopped"
+        out.mkdir()
+        started = asyncio.Event()
+        task = asyncio.create_task(warm.run(job(tiny_model, out, steps=10_000), tmp_path / "run",
+                                            lambda e: e.get("event") == "progress" and started.set(), 300))
+        await asyncio.wait_for(started.wait(), 120)
+        pid = warm.pid
+        task.cancel()  # what the updater does when the daemon stops an update
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await warm.wait_gone()
+        return pid
+
+    pid = asyncio.run(scenario())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not (tmp_path / "stopped" / "adapter_config.json").exists()

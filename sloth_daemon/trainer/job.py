@@ -41,6 +41,8 @@ class TrainJob(BaseModel):
     offload: bool = False                  # with kernels: checkpointed layer inputs on pinned host memory
     device: str = "cpu"
     seed: int = 0
+    pack: bool = False                     # pack each step's examples into rows of max_seq_len tokens (packing.py)
+    step_tokens: int = 0                   # with pack: merge consecutive batches into steps of about this many tokens
 
 
 class EvalScores(BaseModel):
@@ -72,3 +74,5 @@ class TrainResult(BaseModel):
     quantized: bool
     kernels: str
     eval: dict[str, EvalScores]
+    warm: bool = False                    # the base model was already loaded (a warm trainer's later update)
+    phases: dict[str, float] = {}         # seconds: load, eval_before, train, eval_after, save

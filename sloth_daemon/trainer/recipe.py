@@ -1,9 +1,12 @@
 """The LoRA update recipe, torchtune-style: one readable function from a `TrainJob` to a saved adapter.
 
 Steps: load the base (4-bit NF4 through bitsandbytes when `job.quantize == "nf4"`), attach LoRA (continuing from the
-parent adapter when there is one), optionally patch in `sloth_kernels`, score the eval sets, train one optimizer
-step per prepared batch (loss on answer tokens only), score the eval sets again, save the adapter into
-`job.output_dir`. Progress goes through `emit`; the caller (the child process entry) prints it.
+parent adapter when there is one), optionally patch in `sloth_kernels`, score the eval sets (`scoring.py`), train one optimizer step per prepared batch (loss on answer tokens only; with `job.pack`
+the batch's examples are packed into rows, and `job.step_tokens` merges consecutive batches into one step), score
+the eval sets again, save the adapter into `job.output_dir`, and take the LoRA layers out of the base again
+(`train_on`, which a warm trainer calls on its resident base; `run` loads the base first). Progress goes through
+`emit`; the caller (the child process entry) prints it: `progress` per step, `phase` (with a wall-clock `time`) at
+the end of each of load, attach, eval_before, train, eval_after, save; `TrainResult.phases` has their seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from ..prompting import IGNORE_INDEX, encode_example
 from .job import EvalScores, TrainExample, TrainJob, TrainResult
+from .packing import pack
 from .scoring import score_eval_sets
 
 Emit = Callable[[dict], None]
@@ -85,44 +89,110 @@ def collate(tokenizer: Any, examples: list[TrainExample], max_len: int, device: 
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def run(job: TrainJob, emit: Emit) -> TrainResult:
-    t0 = time.monotonic()
-    torch.manual_seed(job.seed)
+def step_inputs(tokenizer: Any, job: TrainJob, device: torch.device) -> list[tuple[dict[str, torch.Tensor], int]]:
+    """The model inputs of every optimizer step and their token counts. Unpacked: one padded batch per job batch.
+    Packed: each job batch packed into rows of `max_seq_len`; with `step_tokens`, consecutive batches merged until a
+    step holds about that many tokens (fewer, fuller steps: the GPU waits less on the host per token)."""
+    if not job.pack:
+        out = []
+        for examples in job.batches:
+            batch = collate(tokenizer, examples, job.max_seq_len, device)
+            out.append((batch, int(batch["attention_mask"].sum())))
+        return out
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    groups: list[list] = []
+    tokens = 0
+    for examples in job.batches:
+        encoded = [encode_example(tokenizer, e.kind, e.prompt, e.answer, job.max_seq_len) for e in examples]
+        n = sum(len(ids) for ids, _ in encoded)
+        if groups and job.step_tokens > 0 and tokens + n <= job.step_tokens:
+            groups[-1].extend(encoded)
+            tokens += n
+        else:
+            groups.append(encoded)
+            tokens = n
+    out = []
+    for encoded in groups:
+        packed = pack(encoded, job.max_seq_len, pad)
+        out.append(({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in packed.model_inputs().items()},
+                    packed.tokens))
+    return out
+
+
+def detach_lora(model: Any, job: TrainJob) -> Any:
+    """Take the update's LoRA layers (and the kernels' patches) out again and return the bare base model, as it was
+    before `attach_lora` (a warm trainer trains the next update on it)."""
+    if job.kernels:
+        from sloth_kernels.patch import unpatch_model
+
+        unpatch_model(model)
+    base = model.unload()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool = False,
+             phases: dict[str, float] | None = None) -> tuple[TrainResult, Any]:
+    """Run `job` on an already loaded base model; return the result and the base model with the LoRA layers taken
+    out again (for the next job of a warm trainer)."""
+    phases = {} if phases is None else phases
+    clock = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        phases[name] = round(now - clock, 4)
+        clock = now
+        emit({"event": "phase", "phase": name, "time": time.time()})
+
+    t0 = time.monotonic() - sum(phases.values())
     device = torch.device(job.device)
-    model, tokenizer = load_base(job)
-    model = attach_lora(model, job)
-    kernels = maybe_patch(model, job, emit)
-    emit({"event": "log", "message": f"loaded {job.base_model} on {device} quantize={job.quantize}"})
+    torch.manual_seed(job.seed)  # after loading: a warm trainer's update draws the same LoRA init as a cold one
+    model = attach_lora(base, job)
+    try:
+        kernels = maybe_patch(model, job, emit)
+        emit({"event": "log", "message": f"{'warm' if warm else 'loaded'} {job.base_model} on {device} "
+                                         f"quantize={job.quantize}"})
+        steps_in = step_inputs(tokenizer, job, device)
+        phase("attach")
+        scores = {name: EvalScores(parent=None, candidate=None, examples=len(ex), ids=[e.id for e in ex])
+                  for name, ex in job.eval_sets.items()}
+        score_eval_sets(model, tokenizer, job, scores, "parent", collate)
+        phase("eval_before")
 
-    scores = {name: EvalScores(parent=None, candidate=None, examples=len(ex), ids=[e.id for e in ex])
-              for name, ex in job.eval_sets.items()}
-    score_eval_sets(model, tokenizer, job, scores, "parent", collate)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
+        steps = len(steps_in)
+        warmup = max(1, min(10, steps // 10))
+        # Linear warm-up, then cosine decay to 10%: short updates need the full rate early and a calm finish.
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        )
+        model.train()
+        losses, tokens = [], 0
+        for step, (batch, n_tokens) in enumerate(steps_in):
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens += n_tokens
+            emit({"event": "progress", "step": step + 1, "steps": steps, "loss": losses[-1]})
+        del opt, steps_in
+        phase("train")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
-    steps = len(job.batches)
-    warmup = max(1, min(10, steps // 10))
-    # Linear warm-up, then cosine decay to 10%: short updates need the full rate early and a calm finish.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-    )
-    model.train()
-    losses, tokens = [], 0
-    for step, examples in enumerate(job.batches):
-        batch = collate(tokenizer, examples, job.max_seq_len, device)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
-        emit({"event": "progress", "step": step + 1, "steps": steps, "loss": losses[-1]})
-
-    score_eval_sets(model, tokenizer, job, scores, "candidate", collate)
-    model.save_pretrained(job.output_dir)
-    return TrainResult(
+        score_eval_sets(model, tokenizer, job, scores, "candidate", collate)
+        phase("eval_after")
+        model.save_pretrained(job.output_dir)
+        phase("save")
+    finally:
+        base = detach_lora(model, job)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # what training cached goes back to the serving engine between updates
+    result = TrainResult(
         steps=steps,
         first_loss=losses[0] if losses else float("nan"),
         last_loss=losses[-1] if losses else float("nan"),
@@ -132,4 +202,18 @@ def run(job: TrainJob, emit: Emit) -> TrainResult:
         quantized=job.quantize == "nf4",
         kernels=kernels,
         eval=scores,
+        warm=warm,
+        phases=dict(phases),
     )
+    return result, base
+
+
+def run(job: TrainJob, emit: Emit) -> TrainResult:
+    """Load the base for `job` and run it (one cold update: what a fresh trainer process does)."""
+    started = time.monotonic()
+    torch.manual_seed(job.seed)
+    model, tokenizer = load_base(job)
+    phases = {"load": round(time.monotonic() - started, 4)}
+    emit({"event": "phase", "phase": "load", "time": time.time()})
+    result, _ = train_on(model, tokenizer, job, emit, phases=phases)
+    return result
