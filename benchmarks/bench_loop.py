@@ -103,8 +103,9 @@ def build_big(root: Path, layers: int) -> tuple[Path, dict]:
     config = LlamaConfig(
         vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=4096, intermediate_size=14336,
         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16",
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16",
     )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -273,8 +274,9 @@ def run_config(name: str, args, model_dir: Path, work: Path, gpu: GpuMemory, sav
             r.raise_for_status()
             row = {"config": name, "examples": n, "device": "cuda" if gpu.available else "cpu"}
             idle_start = time.time()
+            idle_wanted = not (args.idle_first_only and name != args.configs.split(",")[0])
             row["idle"] = [asyncio.run(idle_latency(daemon.url, model, c, args.requests, args.max_tokens))
-                           for c in args.clients]
+                           for c in args.clients] if idle_wanted else []
             row["gpu_peak_idle_gib"] = gpu.peak_gib(idle_start)
             row.update(asyncio.run(one_update(http, daemon, model, args)))
             row["gpu_peak_update_gib"] = gpu.peak_gib(row["timeline"]["trigger"], time.time())
@@ -377,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=2.0, help="seconds per client count while training")
     p.add_argument("--recall", type=int, default=20, help="taught prompts asked back after each update")
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--idle-first-only", action="store_true",
+                   help="measure idle serving for the first configuration only (serving is the same in all)")
     p.add_argument("--work", default=None, help="working folder (default: a temp dir, removed)")
     p.add_argument("--env", action="append", default=[], metavar="SLOTH_KEY=VALUE",
                    help="daemon setting for every configuration (e.g. SLOTH_ANCHORS_MAX_TOKENS=48)")

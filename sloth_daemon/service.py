@@ -126,6 +126,7 @@ class Daemon:
         self.updater = Updater(cfg, self.store, self.registry, self.engine, model_path, on_change=self.refresh_status)
         self.scheduler = UpdateScheduler(cfg.schedule, self.updater)
         self.scheduler.start()
+        self._spawn(self.updater.preload())  # on CUDA: the warm trainer loads the base while anchors are made
         self._spawn(self._make_anchors())
         await self._start_zmq()
         log.info("serving %s (%s engine) with adapter %s; state in %s", self.model_name, self.engine.name,

@@ -106,6 +106,28 @@ class Updater:
             await self._warm.close()
             self._warm = None
 
+    async def preload(self) -> None:
+        """On CUDA with a warm trainer: start it, load the base model and train one throwaway step now (in the
+        background), so that the first update waits neither for the base to be loaded and quantised nor for the
+        kernels to compile. Errors are logged; updates start the trainer again."""
+        if not self._warm_wanted() or not self._device().startswith("cuda"):
+            return
+        try:
+            device, tc = self._device(), self.cfg.train
+            # One throwaway step on one made-up example, so the kernels compile before the first update needs them.
+            warmup = TrainExample(id="warmup", kind="chat", prompt=[{"role": "user", "content": "Warm-up?"}],
+                                  answer="Warm-up.")
+            job = TrainJob(
+                base_model=str(self.base_model), output_dir="", batches=[[warmup]], device=device,
+                quantize=self._quantize(device), kernels=self._kernels(device), offload=tc.offload_activations,
+                lora=LoraSpec(r=tc.lora_r, alpha=tc.lora_alpha, dropout=tc.lora_dropout,
+                              target_modules=tc.target_modules),
+                max_seq_len=tc.max_seq_len, pack=tc.pack,
+            )
+            await self._trainer_for_update().preload(job)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("could not preload the trainer's base model; the first update loads it")
+
     def _warm_wanted(self) -> bool:
         # A vLLM that sleeps through updates wants the GPU back whole afterwards: no base may stay resident.
         return self.cfg.train.warm and not (self.cfg.engine == "vllm" and self.cfg.vllm.sleep_during_updates)
@@ -122,6 +144,14 @@ class Updater:
         if self.cfg.device != "auto":
             return self.cfg.device
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _kernels(self, device: str) -> bool:
+        tc = self.cfg.train
+        return (device == "cuda") if tc.kernels == "auto" else tc.kernels == "on"
+
+    def _quantize(self, device: str) -> str:
+        tc = self.cfg.train
+        return ("nf4" if device == "cuda" else "none") if tc.quantize == "auto" else tc.quantize
 
     def _job(self, update_id: int, staging: Path) -> tuple[TrainJob | None, Plan]:
         cfg, tc = self.cfg, self.cfg.train
@@ -149,8 +179,8 @@ class Updater:
             lora=LoraSpec(r=tc.lora_r, alpha=tc.lora_alpha, dropout=tc.lora_dropout, target_modules=tc.target_modules),
             learning_rate=tc.learning_rate,
             max_seq_len=tc.max_seq_len,
-            quantize=("nf4" if device == "cuda" else "none") if tc.quantize == "auto" else tc.quantize,
-            kernels=(device == "cuda") if tc.kernels == "auto" else tc.kernels == "on",
+            quantize=self._quantize(device),
+            kernels=self._kernels(device),
             offload=tc.offload_activations,
             device=device,
             seed=seed,

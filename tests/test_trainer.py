@@ -228,3 +228,27 @@ def test_stopping_a_warm_update_kills_the_trainer_at_once(tiny_model, tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not (tmp_path / "stopped" / "adapter_config.json").exists()
+
+
+def test_a_preloaded_warm_trainer_makes_the_first_update_warm(tiny_model, tmp_path):
+    async def scenario():
+        warm = WarmTrainer(tmp_path / "warm.log")
+        try:
+            out = tmp_path / "a"
+            out.mkdir()
+            j = job(tiny_model, out, steps=3)
+            # Returns at once; the child loads and trains a throwaway step (into a scratch folder) meanwhile.
+            await warm.preload(job(tiny_model, tmp_path / "unused", steps=1))
+            pid = warm.pid
+            events = []
+            result = await warm.run(j, tmp_path / "run", events.append, 300)
+            return result, events, pid, warm.pid
+        finally:
+            await warm.close()
+
+    result, events, pid_before, pid_after = asyncio.run(scenario())
+    assert pid_before == pid_after and result.warm and "load" not in result.phases
+    assert not any(e.get("event") == "loaded" for e in events)  # the preload's own event is not an update's
+    assert [e["phase"] for e in events if e.get("event") == "phase"] == ["attach", "eval_before", "train",
+                                                                         "eval_after", "save"]
+    assert not (tmp_path / "unused" / "adapter_config.json").exists()  # the warm-up step saved nowhere we see

@@ -4,7 +4,10 @@
 `python -m sloth_daemon.trainer --serve DIR` is a warm trainer (`warm.py`): it reads one request per stdin line,
 `{"job": JOB.json, "log": trainer.log}`, sends its stderr to that log, runs the job on the base model it keeps
 loaded between jobs (loaded again only when the base, quantisation or device changes), prints the job's JSON lines
-ending with its result, and waits for the next line; end of input ends it. A job that raises ends the process
+ending with its result, and waits for the next line; end of input ends it. With `"preload": true` it only loads
+the job's base and trains the job's batches once into a scratch folder (a warm-up: on CUDA the Triton kernels
+compile there, not in the first update), then prints `{"event": "loaded"}`. When the LoRA layers cannot be taken out of the base again it
+prints `{"event": "closing"}` before the result and exits after it. A job that raises ends the process
 (exit code 1, traceback in the job's log): a half-trained base is never reused.
 """
 
@@ -40,24 +43,45 @@ def serve() -> int:
     import time
 
     loaded_key, base, tokenizer = None, None, None
+
+    def load(spec: TrainJob) -> dict:
+        nonlocal loaded_key, base, tokenizer
+        key = (spec.base_model, spec.quantize, spec.device)
+        if key == loaded_key:
+            return {}
+        base = tokenizer = None  # the old base goes before the new one loads
+        started = time.monotonic()
+        base, tokenizer = load_base(spec)
+        loaded_key = key
+        emit({"event": "phase", "phase": "load", "time": time.time()})
+        return {"load": round(time.monotonic() - started, 4)}
+
     for line in sys.stdin:
         request = json.loads(line)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log, 2)
         os.close(log)
         job = TrainJob.model_validate_json(open(request["job"]).read())
-        key = (job.base_model, job.quantize, job.device)
-        phases = {}
-        warm = key == loaded_key
-        if not warm:
-            base = tokenizer = None  # the old base goes before the new one loads
-            started = time.monotonic()
-            base, tokenizer = load_base(job)
-            loaded_key = key
-            phases["load"] = round(time.monotonic() - started, 4)
-            emit({"event": "phase", "phase": "load", "time": time.time()})
-        result, base = train_on(base, tokenizer, job, emit, warm=warm, phases=phases)
+        if request.get("preload"):  # load the base now, so that the first update finds it loaded
+            seconds = load(job).get("load", 0.0)
+            if job.batches:  # and train a throwaway step: the kernels compile now, not in the first update
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as scratch:
+                    _, base = train_on(base, tokenizer, job.model_copy(update={"output_dir": scratch}),
+                                       lambda event: None, warm=True)
+                if base is None:
+                    return 0
+            emit({"event": "loaded", "seconds": seconds})
+            continue
+        phases = load(job)
+        result, base = train_on(base, tokenizer, job, emit, warm=not phases, phases=phases)
+        if base is None:
+            loaded_key = None
+            emit({"event": "closing"})  # this process cannot reuse its base: it ends after this result
         emit({"event": "result", **result.model_dump()})
+        if base is None:
+            return 0
     return 0
 
 

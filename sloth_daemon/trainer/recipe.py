@@ -135,7 +135,7 @@ def detach_lora(model: Any, job: TrainJob) -> Any:
 def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool = False,
              phases: dict[str, float] | None = None) -> tuple[TrainResult, Any]:
     """Run `job` on an already loaded base model; return the result and the base model with the LoRA layers taken
-    out again (for the next job of a warm trainer)."""
+    out again (for the next job of a warm trainer), or None when they could not be taken out."""
     phases = {} if phases is None else phases
     clock = time.monotonic()
 
@@ -189,7 +189,11 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
         model.save_pretrained(job.output_dir)
         phase("save")
     finally:
-        base = detach_lora(model, job)
+        try:
+            base = detach_lora(model, job)
+        except Exception as e:  # the update itself is done; only the next one cannot reuse this base
+            emit({"event": "log", "message": f"could not take the LoRA layers out again ({e!r}); base not reused"})
+            base = None
         if device.type == "cuda":
             torch.cuda.empty_cache()  # what training cached goes back to the serving engine between updates
     result = TrainResult(

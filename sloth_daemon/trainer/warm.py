@@ -11,6 +11,8 @@ Contract (the same `run`/`cancel`/`wait_gone` as `TrainerProcess`, so the update
   loaded). The child's stderr for that job goes to `run_dir/trainer.log`.
 - A child that dies, prints no result or runs past `timeout_s` raises `TrainerFailed`; it is killed and forgotten,
   and the next `run` starts a fresh one (cold). A cancelled `run` (the daemon stopping an update) kills it at once.
+- `preload(job)` starts the child and has it load the job's base at once (the daemon does so at start on CUDA,
+  where loading and quantising takes most of a cold update), so the first update is warm too.
 - `close()` ends the child (the daemon's stop). `pid` is the child's pid while one is alive.
 """
 
@@ -70,6 +72,18 @@ class WarmTrainer:
             )
         return self._proc
 
+    async def preload(self, job: TrainJob) -> None:
+        """Start the child and have it load `job`'s base now (without waiting for it), so that the first update
+        finds the base loaded. Only the base model, quantisation and device of `job` matter."""
+        job_file = self.log_path.parent / "warm-preload.json"
+        job_file.parent.mkdir(parents=True, exist_ok=True)
+        job_file.write_text(job.model_dump_json())
+        proc = await self._ensure()
+        assert proc.stdin is not None
+        request = {"job": str(job_file), "log": str(self.log_path), "preload": True}
+        proc.stdin.write((json.dumps(request) + "\n").encode())
+        await proc.stdin.drain()
+
     async def run(self, job: TrainJob, run_dir: Path, on_progress: Callable[[dict], None], timeout_s: float) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         job_file = run_dir / "job.json"
@@ -77,10 +91,11 @@ class WarmTrainer:
         log_file = run_dir / "trainer.log"
         proc = await self._ensure()
         assert proc.stdin is not None
+        closing: list[bool] = []
         try:
             proc.stdin.write((json.dumps({"job": str(job_file), "log": str(log_file)}) + "\n").encode())
             await proc.stdin.drain()
-            result = await asyncio.wait_for(self._follow(proc, on_progress), timeout_s)
+            result = await asyncio.wait_for(self._follow(proc, on_progress, closing), timeout_s)
         except asyncio.TimeoutError:
             await self.wait_gone()
             raise TrainerFailed(f"trainer ran past its {timeout_s:.0f}s limit and was killed") from None
@@ -94,19 +109,28 @@ class WarmTrainer:
             code = await proc.wait()
             await self.wait_gone()
             raise TrainerFailed(f"trainer exited with code {code} before its result; see {log_file}")
+        if closing:  # the child could not keep its base and ends now; the next update starts a fresh one
+            await proc.wait()
+            await self.wait_gone()
         return result
 
     @staticmethod
-    async def _follow(proc: asyncio.subprocess.Process, on_progress: Callable[[dict], None]) -> TrainResult | None:
-        """Pass on events until this job's result (returned), or None when the child's output ends first."""
+    async def _follow(proc: asyncio.subprocess.Process, on_progress: Callable[[dict], None],
+                      closing: list[bool]) -> TrainResult | None:
+        """Pass on events until this job's result (returned), or None when the child's output ends first. A preload's
+        `loaded` event is not passed on; `closing` gets True when the child says it ends after this job."""
         assert proc.stdout is not None
         async for raw in proc.stdout:
             try:
                 event = json.loads(raw)
             except json.JSONDecodeError:
                 continue  # a library printing to stdout; not ours
-            if event.get("event") == "result":
+            kind = event.get("event")
+            if kind == "result":
                 event.pop("event")
                 return TrainResult.model_validate(event)
-            on_progress(event)
+            if kind == "closing":
+                closing.append(True)
+            elif kind != "loaded":
+                on_progress(event)
         return None
