@@ -39,6 +39,15 @@ class TrainerFailed(RuntimeError):
     pass
 
 
+def kill_group(proc: asyncio.subprocess.Process | None) -> None:
+    """SIGKILL the process group of a trainer child that still runs (it was started in a session of its own)."""
+    if proc is not None and proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class TrainerProcess:
     def __init__(self) -> None:
         self._proc: asyncio.subprocess.Process | None = None
@@ -48,11 +57,7 @@ class TrainerProcess:
         return self._proc.pid if self._proc else None
 
     def cancel(self) -> None:
-        if self._proc and self._proc.returncode is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_group(self._proc)
 
     async def wait_gone(self) -> None:
         """Kill the child if it still runs and wait until it has exited (so it writes no more files)."""

@@ -21,13 +21,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from .job import TrainJob, TrainResult
-from .process import TrainerFailed, trainer_env
+from .process import TrainerFailed, kill_group, trainer_env
 
 
 class WarmTrainer:
@@ -40,11 +39,7 @@ class WarmTrainer:
         return self._proc.pid if self._proc and self._proc.returncode is None else None
 
     def cancel(self) -> None:
-        if self._proc and self._proc.returncode is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_group(self._proc)
 
     async def wait_gone(self) -> None:
         """Kill the child if it still runs and wait until it has exited (so it writes no more files)."""
