@@ -44,7 +44,7 @@ def serve() -> int:
 
     loaded_key, base, tokenizer = None, None, None
 
-    def load(spec: TrainJob) -> dict:
+    def load(spec: TrainJob, announce: bool = True) -> dict:
         nonlocal loaded_key, base, tokenizer
         key = (spec.base_model, spec.quantize, spec.device)
         if key == loaded_key:
@@ -53,7 +53,8 @@ def serve() -> int:
         started = time.monotonic()
         base, tokenizer = load_base(spec)
         loaded_key = key
-        emit({"event": "phase", "phase": "load", "time": time.time()})
+        if announce:  # a phase of the update being run; a preload is no update's phase
+            emit({"event": "phase", "phase": "load", "time": time.time()})
         return {"load": round(time.monotonic() - started, 4)}
 
     for line in sys.stdin:
@@ -63,7 +64,7 @@ def serve() -> int:
         os.close(log)
         job = TrainJob.model_validate_json(open(request["job"]).read())
         if request.get("preload"):  # load the base now, so that the first update finds it loaded
-            seconds = load(job).get("load", 0.0)
+            seconds = load(job, announce=False).get("load", 0.0)
             if job.batches:  # and train a throwaway step: the kernels compile now, not in the first update
                 import tempfile
 
