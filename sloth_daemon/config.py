@@ -186,6 +186,9 @@ class DaemonConfig(_Section):
     state_dir: Path = Field(Path("./sloth-state"), validate_default=True)
     model: str | None = Field(None, description="local Hugging Face model folder; unset = built-in tiny model")
     served_model_name: str | None = Field(None, description="name in /v1/models; default: the model folder's name")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template file used instead of the model's own (like vLLM's --chat-template)"
+    )
     api_key: str | None = Field(None, description="if set, HTTP requests need 'Authorization: Bearer <key>'")
     cors_allowed_origins: list[str] = Field(
         [], description="browser origins (scheme://host[:port], or '*') allowed to call the HTTP API; empty = none"
@@ -209,6 +212,16 @@ class DaemonConfig(_Section):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, v: str | None) -> str | None:
+        if v:
+            path = Path(v).expanduser().resolve()
+            if not path.is_file():
+                raise ValueError(f"{path}: no such file (give the path of a Jinja chat template)")
+            return str(path)
+        return None
 
     @field_validator("cors_allowed_origins", mode="before")
     @classmethod

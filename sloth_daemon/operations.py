@@ -40,6 +40,7 @@ from .api.schemas import (
 )
 from .engine.base import AdapterLoadError, EngineError, InvalidParam, RequestTooLong, SamplingParams, TextDelta
 from .limits import TooLarge, check_feedback, check_teach, split_document
+from .prompting import ChatTemplateError, check_example
 from .textcheck import invalid_text
 from .tool_calls import ToolUse
 from .turns import TurnDone
@@ -186,6 +187,9 @@ class Operations:
                           reason="context_length_exceeded") from None
         except InvalidParam as e:
             raise OpError("invalid_request", str(e), param=e.param) from None
+        except ChatTemplateError as e:
+            raise OpError("invalid_request", f"the chat template refused the messages: {e}",
+                          param="messages") from None
         return Turn(kind, prompt, params, store, tool_use)
 
     def _tool_use(self, body: ChatCompletionRequest, params: SamplingParams) -> tuple[ToolUse | None, SamplingParams]:
@@ -293,6 +297,14 @@ class Operations:
             raise OpError("too_large", str(e), param=e.param) from None
         tokenizer = getattr(self.daemon.engine, "tokenizer", None)
         ids, added, chunks = [], 0, []
+        for i, pair in enumerate(body.examples if tokenizer is not None else ()):  # all checked before any is stored
+            try:
+                check_example(tokenizer, pair.kind, pair.as_prompt(), pair.answer)
+            except ChatTemplateError as e:
+                raise OpError("invalid_request", f"examples.{i}.prompt: the chat template refused this example: {e}",
+                              param=f"examples.{i}.prompt") from None
+            except ValueError as e:
+                raise OpError("invalid_request", f"examples.{i}: {e}", param=f"examples.{i}") from None
         try:
             for pair in body.examples:
                 ex, created = store.add_taught(pair.as_prompt(), pair.answer)

@@ -1,9 +1,14 @@
-"""Turning prompts and training examples into tokens, the same way for serving and for training.
+"""Turning prompts and training examples into tokens, the same way for serving, anchors, training and the gate.
 
 Contract:
-- `render_prompt(tokenizer, kind, prompt, tools=None)` is the text the model continues: the chat template with the
-  generation prompt for chat messages (and the OpenAI `tools` given to the template; assistant tool calls reach it
-  with object arguments, `tool_calls.to_template_messages`), the raw string for completions.
+- `render_prompt(tokenizer, kind, prompt, tools=None)` is the text the model continues: the chat template
+  (the one `chat_template.load_tokenizer` set on the tokenizer) with the generation prompt for chat messages (and
+  the OpenAI `tools` given to the template; assistant tool calls reach it with object arguments,
+  `tool_calls.to_template_messages`), the raw string for completions. `render_chat` is the only call of the
+  template: every part renders through it.
+- A template that refuses the messages (Jinja's `raise_exception`, as templates without a system role or with
+  strict user/assistant alternation do), or fails on them in any other way, raises `ChatTemplateError` with the
+  template's own message: a problem with the request (HTTP 400, param `messages`), never with the engine.
 - `encode_example(tokenizer, kind, prompt, answer, max_len)` returns `(input_ids, labels)` where labels are -100 on
   prompt tokens, so the loss covers the answer (and the end-of-turn token that teaches the model to stop) only.
   Documents (`kind="document"`) are trained on every token. Over-long examples keep the answer's start and cut the
@@ -19,11 +24,25 @@ from .tool_calls import to_template_messages
 IGNORE_INDEX = -100
 
 
+class ChatTemplateError(ValueError):
+    """The chat template refused or failed on these messages; the message is the template's own."""
+
+
+def render_chat(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> str:
+    """`messages` (and the OpenAI `tools`, if any) through the tokenizer's chat template (transformers'
+    `apply_chat_template`) as text."""
+    extra = {"tools": tools} if tools else {}
+    try:
+        return tokenizer.apply_chat_template(to_template_messages(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **extra)
+    except Exception as e:  # rendering is a pure function of the messages: any failure is theirs with this template
+        raise ChatTemplateError(str(e) or type(e).__name__) from None
+
+
 def render_prompt(tokenizer: Any, kind: str, prompt: Any, tools: list[dict] | None = None) -> str:
     if kind == "chat":
-        extra = {"tools": tools} if tools else {}
-        return tokenizer.apply_chat_template(to_template_messages(prompt), add_generation_prompt=True,
-                                             tokenize=False, **extra)
+        return render_chat(tokenizer, prompt, add_generation_prompt=True, tools=tools)
     if not isinstance(prompt, str):
         raise TypeError("a completion prompt must be a string")
     return prompt
@@ -36,12 +55,18 @@ def _eos_text(tokenizer: Any) -> str:
 def _answer_text(tokenizer: Any, kind: str, prompt: Any, answer: str, prompt_text: str) -> str:
     """The text that follows the prompt when the model gives `answer`, end-of-turn marker included."""
     if kind == "chat":
-        full = tokenizer.apply_chat_template(
-            list(prompt) + [{"role": "assistant", "content": answer}], tokenize=False
-        )
+        full = render_chat(tokenizer, list(prompt) + [{"role": "assistant", "content": answer}],
+                           add_generation_prompt=False)
         if full.startswith(prompt_text):
             return full[len(prompt_text):]
     return answer + _eos_text(tokenizer)
+
+
+def check_example(tokenizer: Any, kind: str, prompt: Any, answer: str) -> None:
+    """Render a training example as `encode_example` will (without tokenizing it); `ChatTemplateError` if the
+    template refuses it, so it is refused when taught rather than failing the update."""
+    if kind == "chat":
+        _answer_text(tokenizer, kind, prompt, answer, render_prompt(tokenizer, kind, prompt))
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

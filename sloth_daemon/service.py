@@ -56,11 +56,12 @@ def make_engine(cfg: DaemonConfig, model_path: Path, model_name: str) -> Engine:
     if cfg.engine == "embedded":
         from .engine.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(model_path, model_name=model_name, device=cfg.device)
+        return EmbeddedEngine(model_path, model_name=model_name, device=cfg.device, chat_template=cfg.chat_template)
     if cfg.engine == "vllm":
         from .engine.vllm import VllmEngine
 
-        return VllmEngine(model_path, model_name=model_name, cfg=cfg.vllm, lora_rank=cfg.train.lora_r)
+        return VllmEngine(model_path, model_name=model_name, cfg=cfg.vllm, lora_rank=cfg.train.lora_r,
+                          chat_template=cfg.chat_template)
     raise NotImplementedError(f"engine {cfg.engine!r} is not available in this build")
 
 
@@ -247,6 +248,7 @@ class Daemon:
             "version": __version__,
             "model": self.model_name,
             "engine": self.engine.name,
+            "chat_template": fmt.describe() if (fmt := getattr(self.engine, "chat_format", None)) else None,
             "adapter": self.engine.current_adapter,
             "pending_examples": self.store.count_pending(),
             "set_aside_examples": self.store.count_set_aside(),

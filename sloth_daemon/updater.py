@@ -169,8 +169,10 @@ class Updater:
         )
         device = self._device()
         current = self.registry.current()
+        chat_format = getattr(self.engine, "chat_format", None)
         job = TrainJob(
             base_model=str(self.base_model),
+            chat_template=chat_format.template if chat_format else None,
             parent_adapter=str(self.registry.path(current)) if current else None,
             output_dir=str(staging),
             batches=[_train_examples(b) for b in batches],

@@ -27,6 +27,7 @@ from sloth_daemon.engine.vllm import VllmEngine
 
 from .daemon_proc import DaemonProcess
 from .engine_contract import EngineContract, run
+from .model_families import NO_SYSTEM, SYSTEM_FIRST
 from .taught_adapter import QUESTION, STOP_CUTS
 from .test_engine_embedded import make_lora
 
@@ -67,7 +68,12 @@ def daemon(tiny_model, lora_dirs, taught_adapter, tmp_path_factory):
         staging = registry.new_staging_dir()
         shutil.copytree(src, staging, dirs_exist_ok=True)
         registry.update_meta(registry.commit(staging, parent=None, update_id=None).version, status="promoted")
+    # The config's chat_template: a Gemma-like one (no system role) that renders a lone user message as
+    # sloth-tiny's own does, so the answers stay the same and the daemon's rendering is seen to be used.
+    template = state.parent / "no-system.jinja"
+    template.write_text(NO_SYSTEM)
     env = {"SLOTH_ENGINE": "vllm", "SLOTH_VLLM_PYTHON": python, "SLOTH_VLLM_DTYPE": "float32",
+           "SLOTH_CHAT_TEMPLATE": str(template),
            "SLOTH_VLLM_MAX_MODEL_LEN": "1024", "SLOTH_VLLM_STARTUP_TIMEOUT_S": "240",
            "SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_ANCHORS_ENABLED": "false", "SLOTH_ZMQ": "off",
            "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -142,6 +148,19 @@ def test_chat_and_completions_through_daemon(daemon):
                       json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
         assert solo.json()["choices"][0]["text"] == text
         assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2000}).status_code == 400
+
+
+def test_chat_template_from_the_config_and_its_refusals(daemon):
+    st = status(daemon)
+    assert st["chat_template"]["source"] == "config" and st["chat_template"]["name"].endswith("no-system.jinja")
+    with daemon.http() as c:
+        before = c.get("/sloth/interactions").json()["total"]
+        for stream in (False, True):
+            r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": SYSTEM_FIRST, "stream": stream})
+            assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+            err = r.json()["error"]
+            assert err["param"] == "messages" and "System role not supported" in err["message"]
+        assert c.get("/sloth/interactions").json()["total"] == before
 
 
 def _client(daemon, stop: threading.Event, results: list) -> None:

@@ -14,13 +14,18 @@ Contract (both engines pass `tests/engine_contract.py`):
   `index`; every choice ends with its own `Finished` and the stream ends after the last one. `TextDelta.logprobs`
   holds the logprobs of the tokens whose text that delta completes (when `params.logprobs`), so the deltas' logprobs
   joined are the choice's `Finished.logprobs`.
+- `validate(request)` raises `prompting.ChatTemplateError` when the chat template refuses the messages.
+- Both render prompts with `prompting.render_prompt` and the tokenizer `chat_template.load_tokenizer` gives them
+  (`chat_format` says which template), as the trainer does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Literal, Protocol, Union, runtime_checkable
+from typing import Any, AsyncIterator, Literal, Protocol, Union, runtime_checkable
+
+from ..chat_template import ChatFormat
 
 Prompt = Union[list[dict], str]
 
@@ -154,6 +159,7 @@ class ProbeResult:
 class Engine(Protocol):
     name: str
     model_name: str
+    chat_format: ChatFormat | None  # the chat template prompts are rendered with (`sloth_daemon.chat_template`)
 
     async def start(self) -> None: ...
 
@@ -172,4 +178,9 @@ class Engine(Protocol):
 
     def in_flight(self) -> dict[str | None, int]:
         """Requests being served, by adapter version (None = base model)."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, with the chat template set on it (loaded by `start()`)."""
         ...

@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
+from ..chat_template import ChatFormat, load_tokenizer
 from ..prompting import encode, render_prompt
 from .base import (
     AdapterLoadError,
@@ -80,9 +81,12 @@ def pick_device(setting: str) -> torch.device:
 class EmbeddedEngine:
     name = "embedded"
 
-    def __init__(self, model_path: str | Path, *, model_name: str, device: str = "auto"):
+    def __init__(self, model_path: str | Path, *, model_name: str, device: str = "auto",
+                 chat_template: str | None = None):
         self.model_path = Path(model_path)
         self.model_name = model_name
+        self.chat_template = chat_template  # the config's Jinja file, if any (`sloth_daemon.chat_template`)
+        self.chat_format: ChatFormat | None = None
         self.device = pick_device(device)
         self._jobs: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -99,11 +103,11 @@ class EmbeddedEngine:
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         def load():
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self._tokenizer, self.chat_format = load_tokenizer(self.model_path, self.chat_template)
             self._model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
             cfg = self._model.config
             self.max_model_len = getattr(cfg, "max_position_embeddings", None) or 2048

@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator
 
 import httpx
 
+from ..chat_template import ChatFormat, load_tokenizer
 from ..prompting import encode, render_prompt
 from .base import (
     AdapterLoadError,
@@ -60,9 +61,12 @@ PROBE_MIN_CHANGE = 0.02
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, model_path: str | Path, *, model_name: str, cfg: Any, lora_rank: int = 16):
+    def __init__(self, model_path: str | Path, *, model_name: str, cfg: Any, lora_rank: int = 16,
+                 chat_template: str | None = None):
         self.model_path = Path(model_path)
         self.model_name = model_name
+        self.chat_template = chat_template  # the config's Jinja file, if any (`sloth_daemon.chat_template`)
+        self.chat_format: ChatFormat | None = None
         self.cfg = cfg  # config.VllmConfig
         self.server = VllmServer(self.model_path, model_name, cfg, lora_rank=lora_rank)
         self.server.on_restart = self._restore_after_restart
@@ -84,9 +88,8 @@ class VllmEngine:
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        from transformers import AutoTokenizer
-
-        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
+        self._tokenizer, self.chat_format = await asyncio.to_thread(load_tokenizer, self.model_path,
+                                                                    self.chat_template)
         self._token_texts = TokenTexts(self._tokenizer)
         config = json.loads((self.model_path / "config.json").read_text())
         self.vocab_size = int(config.get("vocab_size") or len(self._tokenizer))

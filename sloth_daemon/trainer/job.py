@@ -28,6 +28,7 @@ class LoraSpec(BaseModel):
 
 class TrainJob(BaseModel):
     base_model: str
+    chat_template: str | None = None       # Jinja text the daemon renders chat prompts with; None = the model's own
     parent_adapter: str | None = None      # folder of the adapter to continue from; None = fresh LoRA on the base
     output_dir: str                        # staging folder the adapter is written into
     batches: list[list[TrainExample]]      # one inner list per optimizer step, already mixed

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..prompting import IGNORE_INDEX, encode_example
+from ..chat_template import apply_chat_format
+from ..prompting import IGNORE_INDEX, ChatTemplateError, check_example, encode_example
 from .job import EvalScores, TrainExample, TrainJob, TrainResult
 from .packing import pack
 from .scoring import score_eval_sets
@@ -29,6 +30,7 @@ def load_base(job: TrainJob) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(job.base_model)
+    apply_chat_format(tokenizer, job.chat_template)  # the template the daemon serves with: same prompts, same tokens
     device = torch.device(job.device)
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs: dict[str, Any] = {"dtype": compute_dtype}
@@ -75,6 +77,26 @@ def maybe_patch(model: Any, job: TrainJob, emit: Emit) -> str:
     return str(report)
 
 
+def drop_unrenderable(job: TrainJob, tokenizer: Any, emit: Emit) -> None:
+    """Leave out the examples the chat template refuses (e.g. stored before the template changed): one bad example
+    must not fail the whole update. New ones were already checked when they were taught."""
+    refused: dict[str, str] = {}
+    seen: set[str] = set()
+    for ex in [e for batch in job.batches for e in batch] + [e for s in job.eval_sets.values() for e in s]:
+        if ex.id in seen:
+            continue
+        seen.add(ex.id)
+        try:
+            check_example(tokenizer, ex.kind, ex.prompt, ex.answer)
+        except ChatTemplateError as e:
+            refused[ex.id] = str(e)
+    if refused:
+        emit({"event": "log", "message": f"left out {len(refused)} example(s) the chat template refuses: "
+                                         + "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])})
+        job.batches = [[e for e in batch if e.id not in refused] for batch in job.batches]
+        job.eval_sets = {k: [e for e in s if e.id not in refused] for k, s in job.eval_sets.items()}
+
+
 def collate(tokenizer: Any, examples: list[TrainExample], max_len: int, device: torch.device) -> dict[str, torch.Tensor]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     pairs = [encode_example(tokenizer, e.kind, e.prompt, e.answer, max_len) for e in examples]
@@ -96,13 +118,15 @@ def step_inputs(tokenizer: Any, job: TrainJob, device: torch.device) -> list[tup
     if not job.pack:
         out = []
         for examples in job.batches:
+            if not examples:  # every example of this step was left out (drop_unrenderable)
+                continue
             batch = collate(tokenizer, examples, job.max_seq_len, device)
             out.append((batch, int(batch["attention_mask"].sum())))
         return out
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     groups: list[list] = []
     tokens = 0
-    for examples in job.batches:
+    for examples in (b for b in job.batches if b):  # a batch drop_unrenderable emptied has no step
         encoded = [encode_example(tokenizer, e.kind, e.prompt, e.answer, job.max_seq_len) for e in examples]
         n = sum(len(ids) for ids, _ in encoded)
         if groups and job.step_tokens > 0 and tokens + n <= job.step_tokens:
@@ -149,6 +173,7 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
     t0 = time.monotonic() - sum(phases.values())
     device = torch.device(job.device)
     torch.manual_seed(job.seed)  # after loading: a warm trainer's update draws the same LoRA init as a cold one
+    drop_unrenderable(job, tokenizer, emit)
     model = attach_lora(base, job)
     try:
         kernels = maybe_patch(model, job, emit)
