@@ -173,6 +173,8 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
     t0 = time.monotonic() - sum(phases.values())
     device = torch.device(job.device)
     torch.manual_seed(job.seed)  # after loading: a warm trainer's update draws the same LoRA init as a cold one
+    if job.chat_template is not None:  # a warm trainer's tokenizer may come from a preload without it
+        tokenizer.chat_template = job.chat_template
     drop_unrenderable(job, tokenizer, emit)
     model = attach_lora(base, job)
     try:
