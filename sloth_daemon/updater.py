@@ -117,8 +117,10 @@ class Updater:
             # One throwaway step on one made-up example, so the kernels compile before the first update needs them.
             warmup = TrainExample(id="warmup", kind="chat", prompt=[{"role": "user", "content": "Warm-up?"}],
                                   answer="Warm-up.")
+            fmt = getattr(self.engine, "chat_format", None)
             job = TrainJob(
                 base_model=str(self.base_model), output_dir="", batches=[[warmup]], device=device,
+                chat_template=fmt.template if fmt else None,  # the warm-up example renders as updates will
                 quantize=self._quantize(device), kernels=self._kernels(device), offload=tc.offload_activations,
                 lora=LoraSpec(r=tc.lora_r, alpha=tc.lora_alpha, dropout=tc.lora_dropout,
                               target_modules=tc.target_modules),
