@@ -382,7 +382,7 @@ def structured_outputs(guide: Guide) -> dict[str, Any]:
     JSON (a forced tool call) a structural tag that frames it."""
     schema = guide.json_schema if guide.json_schema is not None else {"type": "object"}
     if not guide.prefix and not guide.suffix:
-        return {"json": schema}
+        return {"json": schema, "disable_any_whitespace": True}  # compact JSON, as the embedded engine writes it
     return {"structural_tag": json.dumps({
         "type": "structural_tag",
         "format": {"type": "sequence", "elements": [
