@@ -10,7 +10,8 @@ Contract:
   correcting two turns to the same answer, yields one example.
 - `make_example` validates and normalises input and raises `ValueError` with a readable message on bad input.
   Chat messages are reduced to ``{"role", "content"}`` with string content (a list of OpenAI text parts is joined),
-  because that is all a chat template consumes and because extra keys would defeat deduplication.
+  plus OpenAI's tool-use keys (`tool_calls`, `tool_call_id`, `name`) when present: that is what a chat template
+  consumes, and any other key would defeat deduplication.
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ def example_id(hash_hex: str) -> str:
     return "ex_" + hash_hex[:16]
 
 
+# Message keys kept besides role and content: OpenAI tool use (an assistant's `tool_calls`, a tool result's
+# `tool_call_id`) and a participant's `name`; chat templates that know tools render them.
+_KEPT_KEYS: dict[str, type] = {"tool_calls": list, "tool_call_id": str, "name": str}
+
+
 def normalise_messages(messages: Any) -> list[dict]:
-    """Validate OpenAI chat messages and reduce each to ``{"role": str, "content": str}``.
+    """Validate OpenAI chat messages and reduce each to ``{"role": str, "content": str}`` plus, when present, the
+    tool-use keys `tool_calls`, `tool_call_id` and `name` (an assistant message with tool calls may have null content,
+    stored as "").
 
     Content given as a list of parts keeps only text parts (joined without separator, as OpenAI renders them);
     any other part type (images, audio) cannot become training text and is rejected.
@@ -72,9 +80,17 @@ def normalise_messages(messages: Any) -> list[dict]:
                     raise ValueError(f"message {i}: only text content parts can be used for training")
                 texts.append(part["text"])
             content = "".join(texts)
+        if content is None and message.get("tool_calls"):
+            content = ""  # an assistant message that only calls tools
         if not isinstance(content, str):
             raise ValueError(f"message {i} needs string 'content'")
-        out.append({"role": role, "content": content})
+        reduced: dict = {"role": role, "content": content}
+        for key, shape in _KEPT_KEYS.items():  # tool use survives; anything else would defeat deduplication
+            if message.get(key) is not None:
+                if not isinstance(message[key], shape):
+                    raise ValueError(f"message {i}: '{key}' must be a {shape.__name__}")
+                reduced[key] = message[key]
+        out.append(reduced)
     return out
 
 

@@ -448,6 +448,19 @@ class ReplayStore:
         return db.execute("SELECT 1 FROM feedback WHERE example_id = ? AND interaction_id != ?",
                           [example_id, interaction_id]).fetchone() is not None
 
+    def feedback_for(self, interaction_ids: list[str]) -> dict[str, list[dict]]:
+        """The feedback given on each of these turns, oldest first: {interaction_id: [{created_at, rating,
+        correction, comment, example_id}]} (turns without feedback are absent)."""
+        out: dict[str, list[dict]] = {}
+        with self._read() as db:
+            for start in range(0, len(interaction_ids), 500):  # SQLite's bound-parameter limit
+                chunk = interaction_ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in db.query(f"SELECT interaction_id, created_at, rating, correction, comment, example_id "
+                                    f"FROM feedback WHERE interaction_id IN ({marks}) ORDER BY id", chunk):
+                    out.setdefault(row.pop("interaction_id"), []).append(row)
+        return out
+
     # ----------------------------------------------------------------------------------------- examples
 
     def add_taught(self, prompt: list[dict] | str, answer: str) -> tuple[Example, bool]:
@@ -457,6 +470,18 @@ class ReplayStore:
     def add_document(self, text: str) -> tuple[Example, bool]:
         """Plain text for continued pretraining."""
         return self._add("document", "document", None, text)
+
+    def add_examples(self, items: list[tuple[str, str, Any, str]]) -> list[tuple[Example, bool]]:
+        """Add many `(source, kind, prompt, answer)` examples in one transaction: all are stored or none (a dataset
+        import). Each is validated first; the first bad one raises `InvalidInput` naming its index."""
+        candidates = []
+        for i, (source, kind, prompt, answer) in enumerate(items):
+            try:
+                candidates.append(make_example(kind, prompt, answer, source))
+            except ValueError as e:
+                raise InvalidInput(f"example {i}: {e}") from None
+        with self._write() as db:
+            return [self._insert_example(db, c) for c in candidates]
 
     def add_anchor(self, prompt: list[dict] | str, answer: str) -> tuple[Example, bool]:
         """An example of the base model's behaviour to preserve (never pending; its own pool)."""

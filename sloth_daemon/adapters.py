@@ -119,6 +119,17 @@ class AdapterRegistry:
         atomic_write_text(self.path(version) / META_FILE, info.model_dump_json(indent=2))
         return info
 
+    def remove(self, version: str) -> None:
+        """Delete a version that is neither promoted nor current (retention). The folder is first renamed to a
+        staging name, so a crash midway leaves a folder that start-up removes, never half a version."""
+        info = self.get(version)
+        if info.status == "promoted" or version == self.current():
+            raise ValueError(f"{version} is promoted or served; it is never deleted")
+        doomed = self.root / f".staging-removed-{version}-{uuid.uuid4().hex[:6]}"
+        os.rename(self.root / version, doomed)
+        fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+
     # -- the served pointer ---------------------------------------------------------------------------------------
     def current(self) -> str | None:
         f = self.root / "CURRENT"

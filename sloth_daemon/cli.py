@@ -2,10 +2,13 @@
 
     sloth-daemon serve [--config FILE] [--model PATH] [--host H] [--port P] [--zmq ADDR] [--state-dir DIR]
     sloth-daemon status                       # what the running daemon serves, pending examples, recent updates
-    sloth-daemon train-now [--wait]           # start an update now (and wait for its verdict)
-    sloth-daemon adapters list | rollback VERSION|base
+    sloth-daemon train-now [--wait] [--json]  # start an update now (and follow it to its verdict)
+    sloth-daemon adapters list | rollback VERSION|latest|previous|base
     sloth-daemon examples set-aside | requeue [EXAMPLE_ID ...]   # examples kept out of training; make them pending
     sloth-daemon replay stats [--state-dir DIR]   # reads replay.db directly; works with the daemon stopped
+    sloth-daemon replay export FILE [--pending]   # the learnt examples as OpenAI-chat JSONL (what import reads)
+    sloth-daemon import FILE [--format F] [--skip-invalid]   # a dataset into the running daemon
+    sloth-daemon export VERSION DIR [--adapter-only]   # PEFT adapter, merged 16-bit model, Ollama Modelfile
     sloth-daemon install-service [--user NAME] [--prefix DIR] [--dry-run]   # install the systemd service
     sloth-daemon chat [--zmq ADDR]            # interactive chat over ZeroMQ with /up /down /fix /teach /status
 
@@ -13,7 +16,7 @@ Client commands talk to the running daemon over HTTP at `--url` (default: http:/
 `chat` over ZeroMQ at `--zmq` (default: the address the daemon at `--url` reports binding, so it finds the daemon
 exactly as `status` does, from any directory).
 Exit codes: 0 success, 1 the daemon refused or failed the request (message printed), 2 bad usage or configuration,
-3 the daemon is not reachable.
+3 the daemon is not reachable, 130 Ctrl-C while `train-now --wait` waits (the update goes on).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C while waiting (128 + SIGINT, the shell's convention)
 
 
 def _die(code: int, message: str) -> NoReturn:
@@ -160,28 +164,49 @@ def _updates_table(rows: list[dict]) -> None:
 
 
 def cmd_train_now(args: argparse.Namespace) -> None:
+    from .update_watch import emit, watch
+
     client = Client(_config(args), args.url)
     out = client.call("POST", "/sloth/updates")
     update_id = out["update_id"]
-    console.print(f"update {update_id} started")
+    if args.json:
+        emit(console, {"event": "started", "update_id": update_id})
+    else:
+        console.print(f"update {update_id} started")
     if not args.wait:
         return
-    while True:
-        u = client.call("GET", f"/sloth/updates/{update_id}")
-        if u["status"] != "running":
-            break
-        time.sleep(1)
-    console.print(f"update {update_id}: [bold]{u['status']}[/] {u.get('adapter_version') or ''} {u.get('reason') or ''}")
+    try:
+        u = watch(client.call, update_id, json_events=args.json, console=console)
+    except KeyboardInterrupt:
+        if args.json:
+            emit(console, {"event": "detached", "update_id": update_id})
+        err_console.print(f"stopped waiting; update {update_id} goes on in the daemon "
+                          "(follow it with `sloth-daemon status`)", highlight=False)
+        sys.exit(EXIT_INTERRUPTED)
     if u["status"] == "failed":
         sys.exit(EXIT_FAILED)
+
+
+def _resolve_version(client: Client, version: str) -> str:
+    """`latest`: the newest promoted version; `previous`: the promoted version before the one served."""
+    if version not in ("latest", "previous"):
+        return version
+    out = client.call("GET", "/sloth/adapters")
+    promoted = [a["version"] for a in out["data"] if a["status"] == "promoted"]
+    if version == "previous":
+        promoted = [v for v in promoted if out["current"] is None or v < out["current"]]
+    if not promoted:
+        _die(EXIT_FAILED, f"no promoted adapter is {'older than the one served' if version == 'previous' else 'there'}"
+                          "; `adapters list` shows them")
+    return promoted[-1]
 
 
 def cmd_adapters(args: argparse.Namespace) -> None:
     client = Client(_config(args), args.url)
     if args.action == "rollback":
         if not args.version:
-            _die(EXIT_USAGE, "adapters rollback needs a VERSION (e.g. v000002) or 'base'")
-        out = client.call("POST", "/sloth/adapters/rollback", json={"version": args.version})
+            _die(EXIT_USAGE, "adapters rollback needs a VERSION (e.g. v000002), 'latest', 'previous' or 'base'")
+        out = client.call("POST", "/sloth/adapters/rollback", json={"version": _resolve_version(client, args.version)})
         console.print(f"now serving {out['current'] or 'the base model'}")
         return
     out = client.call("GET", "/sloth/adapters")
@@ -242,6 +267,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
         _die(EXIT_FAILED, f"no replay store at {cfg.replay_db} (wrong --state-dir?)")
     store = ReplayStore.open_readonly(cfg.replay_db)
     try:
+        if args.action == "export":
+            return _replay_export(store, args)
         stats = store.stats()
     finally:
         store.close()
@@ -254,6 +281,91 @@ def cmd_replay(args: argparse.Namespace) -> None:
     for k, v in _flatten(stats):
         t.add_row(k, str(v))
     console.print(t)
+
+
+def _replay_export(store: Any, args: argparse.Namespace) -> None:
+    from .dataio.exporter import export_examples
+
+    if not args.file:
+        _die(EXIT_USAGE, "replay export needs a FILE ('-' for standard output)")
+    examples = store.replay_pool() + (store.pending_examples() if args.pending else [])
+    if args.file == "-":
+        n = export_examples(examples, sys.stdout)
+    else:
+        with open(args.file, "w", encoding="utf-8") as fp:
+            n = export_examples(examples, fp)
+        err_console.print(f"wrote {n} example(s) to {args.file}", highlight=False)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .cli_data import DataCommandError, run_import
+
+    client = Client(_config(args), args.url)
+    try:
+        out = run_import(Path(args.file), client.call, fmt=args.format, skip_invalid=args.skip_invalid,
+                         console=err_console)
+    except DataCommandError as e:
+        _die(EXIT_FAILED, str(e))
+    if args.json:
+        console.print_json(json.dumps(out))
+        return
+    console.print(f"imported {out['rows']} row(s) from {args.file}: {out['added']} new example(s), "
+                  f"{out['duplicates']} duplicate(s)" + (f", {out['document_chunks']} document chunk(s)"
+                                                         if out["document_chunks"] else ""), highlight=False)
+    for e in out["skipped"]:
+        err_console.print(f"skipped line {e['line']}" + (f", field {e['field']}" if e["field"] else "")
+                          + f": {e['message']}", highlight=False, markup=False)
+    if "pending_examples" in out:
+        console.print(f"pending examples: {out['pending_examples']}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .adapters import AdapterNotFound, AdapterRegistry
+    from .dataio.exporter import ExportError, export_version
+
+    cfg = _config(args)
+    registry = AdapterRegistry(cfg.adapters_dir) if cfg.adapters_dir.exists() else None
+    if registry is None:
+        _die(EXIT_FAILED, f"no adapters at {cfg.adapters_dir} (wrong --state-dir?)")
+    version = args.version
+    if version in ("current", "latest"):
+        promoted = [a.version for a in registry.list() if a.status == "promoted"]
+        version = registry.current() if version == "current" else (promoted[-1] if promoted else None)
+        if version is None:
+            _die(EXIT_FAILED, f"no {args.version} adapter version (the base model is served)")
+    try:
+        adapter_dir = registry.path(version)
+    except AdapterNotFound as e:
+        _die(EXIT_FAILED, str(e))
+    if cfg.model:
+        base = Path(cfg.model).expanduser().resolve()
+    else:
+        from .default_model import DEFAULT_MODEL_NAME
+
+        base = cfg.models_dir / DEFAULT_MODEL_NAME
+    try:
+        with err_console.status(f"exporting {version}" + ("" if args.adapter_only else " and merging it")):
+            export_version(adapter_dir, base, base_model_name(base), Path(args.dir), merge=not args.adapter_only,
+                           dtype=args.dtype, temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)
+    except ExportError as e:
+        _die(EXIT_FAILED, str(e))
+    console.print(f"exported {version} to {args.dir}: adapter/" + ("" if args.adapter_only else
+                                                                   ", merged/ (" + args.dtype + "), Modelfile"))
+
+
+def base_model_name(base: Any) -> str:
+    """The base model's hub id when its config records one (`_name_or_path` like `org/name`), else its folder."""
+    try:
+        name = json.loads((base / "config.json").read_text()).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        name = ""
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name
+    return str(base)
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -290,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train-now", help="start an update now")
     client_args(s)
-    s.add_argument("--wait", action="store_true", help="wait for the verdict")
+    s.add_argument("--wait", action="store_true", help="show its progress and wait for the verdict (Ctrl-C: stop "
+                   "waiting, the update goes on)")
+    s.add_argument("--json", action="store_true", help="print events as JSON lines")
     s.set_defaults(fn=cmd_train_now)
 
     s = sub.add_parser("adapters", help="list adapter versions or roll back")
@@ -322,11 +436,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the steps, change nothing")
     s.set_defaults(fn=cmd_install_service)
 
-    s = sub.add_parser("replay", help="replay store statistics")
-    s.add_argument("action", choices=["stats"])
+    s = sub.add_parser("replay", help="replay store statistics, or export the learnt examples")
+    s.add_argument("action", choices=["stats", "export"])
+    s.add_argument("file", nargs="?", help="export: the JSONL file to write ('-' = standard output)")
     s.add_argument("--state-dir")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--pending", action="store_true", help="export: also the examples not yet trained on")
     s.set_defaults(fn=cmd_replay)
+
+    s = sub.add_parser("import", help="import a dataset (OpenAI chat, ShareGPT, Alpaca JSONL, or a text document)")
+    client_args(s)
+    s.add_argument("file")
+    s.add_argument("--format", default="auto", choices=["auto", "openai", "sharegpt", "alpaca", "completion", "text"])
+    s.add_argument("--skip-invalid", action="store_true", help="import the valid rows of a file with bad ones")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_import)
+
+    s = sub.add_parser("export", help="export an adapter version: PEFT folder, merged model, Ollama Modelfile")
+    s.add_argument("version", help="vNNNNNN, 'current' or 'latest'")
+    s.add_argument("dir", help="a new (or empty) folder")
+    s.add_argument("--state-dir")
+    s.add_argument("--model", help="the base model folder (default: the config's, else the built-in model)")
+    s.add_argument("--adapter-only", action="store_true", help="only the PEFT adapter folder (no merge)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="merged weights' dtype")
+    s.set_defaults(fn=cmd_export)
     return p
 
 

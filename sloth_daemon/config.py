@@ -173,6 +173,15 @@ class LimitsConfig(_Section):
     )
 
 
+class RetentionConfig(_Section):
+    """What old state is deleted after each update (and at start)."""
+
+    keep_last: int = Field(
+        20, ge=1, description="keep the run folders and rejected adapters of the last N updates; promoted adapters "
+        "and their run folders are always kept",
+    )
+
+
 class DaemonConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -190,12 +199,16 @@ class DaemonConfig(_Section):
         None, description="a Jinja chat template file used instead of the model's own (like vLLM's --chat-template)"
     )
     api_key: str | None = Field(None, description="if set, HTTP requests need 'Authorization: Bearer <key>'")
+    metrics_open_on_loopback: bool = Field(
+        False, description="GET /metrics from a loopback address needs no API key (a Prometheus on this host)"
+    )
     cors_allowed_origins: list[str] = Field(
         [], description="browser origins (scheme://host[:port], or '*') allowed to call the HTTP API; empty = none"
     )
     engine: Literal["embedded", "vllm"] = "embedded"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
     shutdown_grace_s: float = Field(
         30, ge=0, description="on SIGTERM, requests in flight get this long to finish before they are cut off"
     )
@@ -207,6 +220,7 @@ class DaemonConfig(_Section):
     anchors: AnchorConfig = AnchorConfig()
     limits: LimitsConfig = LimitsConfig()
     vllm: VllmConfig = VllmConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     @field_validator("state_dir")
     @classmethod

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, TypeVar
 
@@ -38,6 +39,7 @@ from .api.schemas import (
     TeachRequest,
     refused_field,
 )
+from .dataio.importer import ImportRequest, plan_import
 from .engine.base import AdapterLoadError, EngineError, InvalidParam, RequestTooLong, SamplingParams, TextDelta
 from .limits import TooLarge, check_feedback, check_teach, split_document
 from .prompting import ChatTemplateError, check_example
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from .adapters import AdapterRegistry
     from .config import DaemonConfig
     from .engine.base import Engine
+    from .metrics import DaemonMetrics
     from .turns import TurnService
     from .updater import Updater
 
@@ -128,6 +131,13 @@ def usage(done: TurnDone) -> dict:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
+def turn_route(transport: str, kind: str) -> str:
+    """The `route` label of a turn's metrics: the HTTP path, or `zmq:<op>`."""
+    if transport == "http":
+        return "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    return f"{transport}:{'chat' if kind == 'chat' else 'complete'}"
+
+
 class DaemonParts(Protocol):
     """What the operations need from the running daemon (`service.Daemon` provides it)."""
 
@@ -137,6 +147,7 @@ class DaemonParts(Protocol):
     engine: "Engine"
     turns: "TurnService"
     updater: "Updater"
+    metrics: "DaemonMetrics"
     model_name: str
     started_at: int
     stopping: bool
@@ -149,6 +160,7 @@ class Operations:
 
     def __init__(self, daemon: DaemonParts):
         self.daemon = daemon
+        self._tok: Any = None  # the model's tokenizer, loaded on the first import (documents are split with it)
 
     @property
     def cfg(self) -> "DaemonConfig":
@@ -246,20 +258,39 @@ class Operations:
         """Stream one turn; the engine's failures become `engine_error`."""
         events = self.daemon.turns.run(turn.kind, turn.prompt, turn.params, store=turn.store, transport=transport,
                                        turn_id=turn_id, tool_use=turn.tool_use)
+        metrics, route = self.daemon.metrics, turn_route(transport, turn.kind)
+        t0, first = time.monotonic(), False
+        metrics.turn_started()
         try:
             async with contextlib.aclosing(events):  # closed now, not at garbage collection: the engine stops at once
                 async for ev in events:
+                    if not first and isinstance(ev, TextDelta):
+                        first = True
+                        metrics.turn_first_token(route, time.monotonic() - t0)
+                    elif isinstance(ev, TurnDone):
+                        metrics.turn_done(route, time.monotonic() - t0, ev.finish_reason, ev.adapter_version,
+                                          ev.prompt_tokens, ev.completion_tokens)
                     yield ev
         except EngineError as e:
             raise OpError("engine_error", str(e), reason="engine_error") from None
         except InvalidParam as e:  # found by the engine only once it ran (e.g. vLLM refused a field)
             raise OpError("invalid_request", str(e), param=e.param) from None
+        finally:
+            metrics.turn_ended(first)
 
     async def collect(self, turn: Turn, *, transport: str) -> TurnDone:
         async for ev in self.run(turn, transport=transport):
             if isinstance(ev, TurnDone):
                 return ev
         raise OpError("internal", "generation ended without a result")
+
+    # -- metrics --------------------------------------------------------------------------------------------------
+    def metrics(self) -> tuple[bytes, str]:
+        """The Prometheus exposition of `metrics.DaemonMetrics`: (body, content type)."""
+        return self.daemon.metrics.render()
+
+    def observe_http(self, route: str, status: int, seconds: float) -> None:
+        self.daemon.metrics.observe_http(route, status, seconds, self.daemon.engine.current_adapter)
 
     def models(self) -> dict:
         d = self.daemon
@@ -332,6 +363,32 @@ class Operations:
         store = self.daemon.store
         return {"requeued": store.requeue(body.example_ids), "pending_examples": store.count_pending()}
 
+    def import_examples(self, body: ImportRequest) -> dict:
+        """A dataset's rows and documents as training examples (`dataio.importer`): all or nothing unless
+        `skip_invalid`; blocking (tokenizes, writes): call it off the event loop."""
+        check_text(body)
+        plan = plan_import(body, self._tokenizer(), self.daemon.cfg.train.max_seq_len)
+        if plan.errors and not body.skip_invalid:
+            first = plan.errors[0]
+            raise OpError("invalid_request", f"{first} ({len(plan.errors)} invalid row(s) in all; nothing was "
+                          "imported; skip_invalid imports the valid rows)", param=first.field)
+        store = self.daemon.store
+        try:
+            results = store.add_examples(plan.examples)
+        except InvalidInput as e:
+            raise OpError("invalid_request", str(e)) from None
+        added = sum(created for _, created in results)
+        return {"rows": plan.rows, "examples": len(results), "added": added, "duplicates": len(results) - added,
+                "document_chunks": plan.chunks, "skipped": [e.to_json() for e in plan.errors],
+                "pending_examples": store.count_pending()}
+
+    def _tokenizer(self) -> Any:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.daemon.updater.base_model)
+        return self._tok
+
     # -- updates and adapters -----------------------------------------------------------------------------------
     def status(self) -> dict:
         return self.daemon.status()
@@ -373,5 +430,7 @@ class Operations:
 
     def interactions(self, limit: int = 50, offset: int = 0) -> dict:
         store = self.daemon.store
-        return {"data": store.list_interactions(limit=max(1, min(limit, 500)), offset=max(0, offset)),
+        rows = store.list_interactions(limit=max(1, min(limit, 500)), offset=max(0, offset))
+        feedback = store.feedback_for([r["id"] for r in rows])
+        return {"data": [{**r, "feedback": feedback.get(r["id"], [])} for r in rows],
                 "total": store.count_interactions()}

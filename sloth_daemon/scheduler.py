@@ -6,6 +6,8 @@ Contract:
 - Jobs never overlap (`max_instances=1`, missed runs coalesced) and the updater's store-backed slot refuses a second
   update, so neither a slow check nor a restart can start two; an update interrupted by a crash was marked failed
   at start-up and its examples are pending again, so the next check retries it.
+- Periodic checks log at DEBUG only (APScheduler's own "Running job ..." lines too): an idle daemon's log stays
+  quiet at INFO; starting an update logs at INFO.
 """
 
 from __future__ import annotations
@@ -20,6 +22,22 @@ from .config import ScheduleConfig
 from .updater import NothingToTrain, Updater
 
 log = logging.getLogger(__name__)
+
+
+class _RoutineAtDebug(logging.Filter):
+    """Demote APScheduler's per-run INFO records ("Running job", "executed successfully") to DEBUG: they come
+    every `check_seconds`. Kept only when the daemon logs at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+_executor_log = logging.getLogger("apscheduler.executors.default")
+if not any(isinstance(f, _RoutineAtDebug) for f in _executor_log.filters):
+    _executor_log.addFilter(_RoutineAtDebug())
 
 
 class UpdateScheduler:
@@ -71,7 +89,9 @@ class UpdateScheduler:
         return update_id
 
     async def _check_threshold(self) -> None:
-        if self.updater.store.count_pending() >= self.cfg.min_new_examples:
+        pending = self.updater.store.count_pending()
+        log.debug("scheduler: %d example(s) pending, threshold %d", pending, self.cfg.min_new_examples)
+        if pending >= self.cfg.min_new_examples:
             self._try_start("threshold")
 
     async def _check_interval(self) -> None:

@@ -37,6 +37,9 @@ from .api.zmq import ZmqBindError, ZmqServer
 from .api.zmq_protocol import resolve_addresses
 from .config import ConfigError, DaemonConfig
 from .engine.base import AdapterLoadError, Engine
+from .housekeeping import prune
+from .logs import configure_logging
+from .metrics import DaemonMetrics
 from .notify import Notifier
 from .operations import Operations
 from .scheduler import UpdateScheduler
@@ -48,7 +51,7 @@ log = logging.getLogger("sloth_daemon")
 # Settings a SIGHUP applies while serving (the parts read them per request or per update); any other changed
 # setting (host, port, zmq, model, engine, device, state_dir, ...) needs a restart.
 LIVE_SETTINGS = ("log_level", "api_key", "shutdown_grace_s", "train", "mix", "gate", "schedule", "generation",
-                 "anchors", "limits")
+                 "anchors", "limits", "retention", "metrics_open_on_loopback")
 STATUS_REFRESH_S = 2.0  # how often STATUS= is refreshed (pending counts change without an event)
 
 
@@ -97,6 +100,7 @@ class Daemon:
         self.model_name = ""
         self.zmq: ZmqServer | None = None
         self._background: set[asyncio.Task] = set()
+        self.metrics = DaemonMetrics(self)  # read at scrape time; front ends report requests through ops
         self.ops = Operations(self)  # what the front ends see of the daemon
 
     async def start(self) -> None:
@@ -113,6 +117,7 @@ class Daemon:
             log.warning("removed half-written adapter folder(s): %s", ", ".join(removed))
         if interrupted is not None:
             self._disown_unserved_adapters(interrupted["id"])
+        prune(cfg.runs_dir, self.registry, cfg.retention.keep_last)
         self.notifier.status("starting: loading the model")
         model_path, self.model_name = await asyncio.to_thread(resolve_model, cfg)
         self.engine = make_engine(cfg, model_path, self.model_name)
@@ -369,10 +374,11 @@ def serve(cfg: DaemonConfig, reload_config: Callable[[], DaemonConfig] | None = 
     """Run the daemon in the foreground until SIGTERM/SIGINT. `reload_config` re-reads the configuration on SIGHUP
     (the CLI passes one that reads the same file, environment and flags)."""
     notifier = Notifier.from_environment()
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = configure_logging(cfg.log_level, cfg.log_format)
     daemon, app = build_app(cfg, notifier)
     server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                    timeout_graceful_shutdown=cfg.shutdown_grace_s), daemon, reload_config)
+                                    log_config=log_config, timeout_graceful_shutdown=cfg.shutdown_grace_s),
+                     daemon, reload_config)
     # After uvicorn configured its loggers: request lines lose keys sent in query strings (and the key anywhere).
     logging.getLogger("uvicorn.access").addFilter(SecretRedactor(lambda: daemon.cfg.api_key))
     server.run()

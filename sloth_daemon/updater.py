@@ -34,6 +34,8 @@ from .config import DaemonConfig
 from .engine.base import AdapterLoadError, Engine
 from .gate import judge
 from .planning import Plan, plan_update
+from .housekeeping import prune
+from .progress import training_progress
 from .trainer.job import LoraSpec, TrainExample, TrainJob
 from .trainer.plan import planned_steps, step_tokens
 from .trainer.process import TrainerFailed, TrainerProcess
@@ -203,7 +205,8 @@ class Updater:
             return
         frac = event["step"] / max(1, event["steps"])
         msg = f"step {event['step']}/{event['steps']} loss {event['loss']:.4f}"
-        self.progress = {"update_id": update_id, "progress": frac, "message": msg}
+        self.progress = {"update_id": update_id, "progress": frac, "message": msg,
+                         **training_progress(event, (self.progress or {}).get("loss_curve", []))}
         self.store.set_update_progress(update_id, frac, msg)
         self.on_change()
 
@@ -279,6 +282,7 @@ class Updater:
                 shutil.rmtree(staging, ignore_errors=True)
             self._trainer = None
             self.progress = None
+            prune(self.cfg.runs_dir, self.registry, self.cfg.retention.keep_last)
             self.on_change()
 
     # -- serving a version ------------------------------------------------------------------------------------------

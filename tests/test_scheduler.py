@@ -1,8 +1,10 @@
 """Automatic updates with the real APScheduler inside the real daemon: corrections given as feedback reach the
-threshold, exactly one update starts by itself, and the corrected answers are served afterwards."""
+threshold, exactly one update starts by itself, and the corrected answers are served afterwards. The daemon logs
+JSON (`log_format = "json"`), and its periodic checks stay out of the log at INFO."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -21,7 +23,8 @@ def greedy(http, prompt):
 
 
 def test_threshold_starts_exactly_one_update_that_learns_the_corrections(state_dir):
-    env = {"SLOTH_SCHEDULE_MIN_NEW_EXAMPLES": "2", "SLOTH_SCHEDULE_CHECK_SECONDS": "0.5"}  # the default recipe
+    env = {"SLOTH_SCHEDULE_MIN_NEW_EXAMPLES": "2", "SLOTH_SCHEDULE_CHECK_SECONDS": "0.5",  # the default recipe
+           "SLOTH_LOG_FORMAT": "json"}
     daemon = DaemonProcess(state_dir, env=env).start()
     try:
         with daemon.http() as http:
@@ -46,3 +49,7 @@ def test_threshold_starts_exactly_one_update_that_learns_the_corrections(state_d
                 assert r["sloth"]["adapter_version"] == "v000001"
     finally:
         assert daemon.stop() == 0, daemon.log()
+    records = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.startswith("{")]
+    assert any(r["logger"] == "sloth_daemon.updater" and "promoted v000001" in r["message"] for r in records)
+    assert any(r["logger"].startswith("uvicorn") for r in records)  # uvicorn's lines are JSON too
+    assert not [r for r in records if r["logger"].startswith("apscheduler.executors")]  # dozens of checks ran

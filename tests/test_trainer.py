@@ -41,6 +41,8 @@ def test_trains_saves_and_continues(tiny_model, tmp_path):
     r1, events = train(job(tiny_model, out1), tmp_path / "run1")
     steps = [e for e in events if e.get("event") == "progress"]
     assert [e["step"] for e in steps] == list(range(1, 41))
+    assert all(e["tokens"] > 0 and e["seconds"] > 0 for e in steps)  # what tokens/s and the ETA come from
+    assert steps[-1]["tokens"] == r1.tokens
     assert r1.last_loss < r1.first_loss * 0.5
     new = r1.eval["new"]
     assert new.candidate < new.parent

@@ -32,7 +32,7 @@ def wheel(tmp_path_factory) -> Path:
     if os.environ.get("CI"):
         pytest.fail("CI must build the wheel and name it in SLOTH_TEST_WHEEL (.ci/run does)")
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
                     str(REPO)], check=True, timeout=300)
     return next(out.glob("sloth_daemon-*.whl"))
 
@@ -112,6 +112,19 @@ def test_the_wheel_has_everything_and_runs_every_command(installed, state_dir, t
         assert r.returncode == 0, r.stdout + r.stderr
         r = httpx.get(f"http://127.0.0.1:{port}/sloth/status").json()
         assert r["pending_examples"] == 1  # the /up made a training example
+        data = tmp_path / "data.jsonl"
+        data.write_text('{"instruction": "Name the sloth.", "output": "Sid."}\n{"text": "Sloths are slow."}\n')
+        r = run(installed, "import", str(data), *url, cwd=other)
+        assert r.returncode == 0 and "2 new example" in r.stdout, r.stderr
+        r = run(installed, "replay", "export", "-", "--pending", "--state-dir", str(state_dir), cwd=other)
+        assert r.returncode == 0 and '"Sid."' in r.stdout, r.stderr
+        r = run(installed, "export", "latest", str(tmp_path / "out"), "--state-dir", str(state_dir), cwd=other)
+        assert r.returncode == 1 and "no latest adapter" in r.stderr  # nothing trained yet: refused, as documented
+        base = f"http://127.0.0.1:{port}"
+        assert "sloth_pending_examples 3.0" in httpx.get(base + "/metrics").text
+        page = httpx.get(base + "/")  # the status page's files are package data
+        assert page.status_code == 200 and "/ui/app.js" in page.text
+        assert httpx.get(base + "/ui/app.js").status_code == 200 and httpx.get(base + "/ui/style.css").is_success
     finally:
         proc.terminate()
         proc.wait(60)

@@ -5,6 +5,9 @@ Contract:
   scheme. The scheme is case-insensitive (RFC 9110 §11.1: auth schemes are case-insensitive; `bearer` from RFC
   6750); the key is compared as bytes with `hmac.compare_digest`, so the time taken says nothing about how much of
   a guess was right.
+- `key_exempt(request, cfg)`: the paths that never need the key: `/health`, the status page's static files (`/`,
+  `/ui/...`: no data in them; the page sends the key with its API calls), and `/metrics` from a loopback client
+  when `metrics_open_on_loopback` is set (a Prometheus on the same host scraping without the key).
 - `SecretRedactor(get_key)`: a `logging.Filter` for uvicorn's access logger (`uvicorn.access`). Keys are never
   taken from a query string, but clients send them there anyway (`?api_key=...`), and the access log records every
   request line. It replaces the values of secret-looking query parameters (`SECRET_PARAMS`) and any occurrence of
@@ -15,9 +18,10 @@ Contract:
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import re
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import quote, quote_plus
 
 REDACTED = "REDACTED"
@@ -25,6 +29,20 @@ SECRET_PARAMS = re.compile(
     r"(?i)([?&](?:[a-z0-9_.-]*(?:key|token|secret|password|passwd|auth|signature|sig|credential)[a-z0-9_.-]*)=)"
     r"[^&#\s\"]*"
 )
+
+
+def key_exempt(request: Any, cfg: Any) -> bool:
+    """Does this request go through without the API key? (See the module docstring.)"""
+    path = request.url.path
+    if path in ("/health", "/") or path.startswith("/ui/"):
+        return True
+    if path == "/metrics" and cfg.metrics_open_on_loopback:
+        host = request.client.host if request.client else ""
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+    return False
 
 
 def bearer_key_matches(header: str | None, key: str) -> bool:

@@ -1,10 +1,12 @@
 """The HTTP front end (FastAPI): OpenAI-compatible serving plus the daemon's own endpoints under `/sloth/`.
 
 OpenAI-compatible: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with SSE streaming).
-Daemon: `POST /sloth/feedback`, `POST /sloth/teach`, `GET /sloth/status`, `POST /sloth/updates` (trigger),
-`GET /sloth/updates[/{id}]`, `GET /sloth/adapters`, `POST /sloth/adapters/rollback`, `GET /sloth/interactions`,
-`GET /sloth/examples/set-aside`, `POST /sloth/examples/requeue`.
-`GET /health` is 200 once the daemon serves. Every error is an OpenAI-style body with a 4xx/5xx status.
+Daemon: `POST /sloth/feedback`, `POST /sloth/teach`, `POST /sloth/import` (datasets), `GET /sloth/status`,
+`POST /sloth/updates` (trigger), `GET /sloth/updates[/{id}]`, `GET /sloth/adapters`, `POST /sloth/adapters/rollback`,
+`GET /sloth/interactions`, `GET /sloth/examples/set-aside`, `POST /sloth/examples/requeue`.
+`GET /health` is 200 once the daemon serves. `GET /metrics` is the Prometheus exposition (`metrics.py`); `GET /` is
+the status page (`api/page.py`), which reads the JSON API from the browser. Every error is an OpenAI-style body with
+a 4xx/5xx status.
 With `api_key` set every route but `/health` needs `Authorization: Bearer <key>` (`api/auth.py`); browsers on the
 origins in `cors_allowed_origins` may call the API (Starlette's CORSMiddleware; preflights need no key).
 Responses carry the turn id as `id`; that id is what `/sloth/feedback` takes. The operations themselves live in
@@ -13,6 +15,7 @@ Responses carry the turn id as `id`; that id is what `/sloth/feedback` takes. Th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, AsyncIterator
@@ -20,14 +23,17 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..engine.base import TextDelta
+from ..dataio.importer import ImportRequest
 from ..engine.logprobs import chat_logprobs, completion_logprobs
 from ..operations import OpError, Operations, Turn, usage, validation_error
 from ..turns import Choice, TurnDone, new_turn_id
-from .auth import bearer_key_matches
+from .auth import bearer_key_matches, key_exempt
+from .page import mount_page
 from .errors import APIError
 from .schemas import (
     ChatCompletionRequest,
@@ -46,6 +52,15 @@ def api_error(e: OpError) -> APIError:
     """An operation's error as an OpenAI-style error: the category picks status and type, the reason is the code."""
     code = e.reason or ("not_found" if e.code == "not_found" else None)
     return APIError(e.status, e.message, type=_ERROR_TYPES.get(e.code, "server_error"), param=e.param, code=code)
+
+
+def route_of(app: FastAPI, scope: dict) -> str:
+    """The path template a request matched (`/sloth/updates/{update_id}`), for metric labels; "other" when none
+    did (unknown paths must not each make a label value)."""
+    for route in app.router.routes:
+        if route.matches(scope)[0] == Match.FULL:
+            return getattr(route, "path", "other")
+    return "other"
 
 
 def _sse(obj: Any) -> str:
@@ -86,16 +101,32 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         key = cfg.api_key  # read per request: a SIGHUP reload may change it
-        if key and request.url.path != "/health":
+        if key and not key_exempt(request, cfg):
             if not bearer_key_matches(request.headers.get("authorization"), key):
                 return APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                 type="authentication_error", code="invalid_api_key").response()
         return await call_next(request)
 
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        # Outside the key check, so refused requests are counted too; the duration is to the response's headers.
+        t0 = time.monotonic()
+        response = await call_next(request)
+        ops.observe_http(route_of(app, request.scope), response.status_code, time.monotonic() - t0)
+        return response
+
     # Added last, so outermost: preflights are answered before the key check (browsers send no credentials with
     # them), and every response, a 401 included, carries the CORS headers an allowed origin needs to read it.
     app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_allowed_origins), allow_methods=["*"],
                        allow_headers=["*"], allow_credentials=False, max_age=600)
+
+    # -- metrics and the status page ----------------------------------------------------------------------------
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = await asyncio.to_thread(ops.metrics)  # reads the store: off the event loop
+        return Response(body, media_type=content_type)
+
+    mount_page(app)
 
     # -- health and models --------------------------------------------------------------------------------------
     @app.get("/health")
@@ -203,6 +234,10 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     @app.post("/sloth/examples/requeue")
     async def requeue(body: RequeueRequest) -> dict:
         return ops.requeue(body)
+
+    @app.post("/sloth/import")
+    async def import_examples(body: ImportRequest) -> dict:
+        return await asyncio.to_thread(ops.import_examples, body)
 
     # -- updates and adapters -----------------------------------------------------------------------------------
     @app.get("/sloth/status")

@@ -198,6 +198,7 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
         )
         model.train()
         losses, tokens = [], 0
+        t_train = time.monotonic()
         for step, (batch, n_tokens) in enumerate(steps_in):
             loss = model(**batch).loss
             loss.backward()
@@ -207,7 +208,8 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             tokens += n_tokens
-            emit({"event": "progress", "step": step + 1, "steps": steps, "loss": losses[-1]})
+            emit({"event": "progress", "step": step + 1, "steps": steps, "loss": losses[-1], "tokens": tokens,
+                  "seconds": time.monotonic() - t_train})
         del opt, steps_in
         phase("train")
 
