@@ -113,12 +113,16 @@ def test_what_the_template_refuses_is_a_400_naming_messages(family):
 
 @pytest.mark.parametrize("family", ["tools"], indirect=True)
 def test_tool_results_render_with_a_tool_aware_template(family):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}
     messages = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Bern?"},
-                {"role": "assistant", "content": "Let me look."}, {"role": "tool", "content": "12 C, sunny"}]
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "12 C, sunny"}]
     client = OpenAI(base_url=family.url + "/v1", api_key="unused")
     r = client.chat.completions.create(model=family.model, messages=messages, max_tokens=4)
     tokenizer = load_tokenizer(family.folder, None)[0]
     rendered = render_prompt(tokenizer, "chat", messages)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}\n</tool_call><|end|>' in rendered
     assert "<|user|><tool_response>\n12 C, sunny\n</tool_response><|end|><|assistant|>" in rendered
     assert r.usage.prompt_tokens == len(encode(tokenizer, rendered))  # the daemon rendered exactly this
 
