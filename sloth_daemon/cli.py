@@ -303,6 +303,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     from .cli_data import DataCommandError, run_import
 
     client = Client(_config(args), args.url)
+    client.http.timeout = httpx.Timeout(600, connect=10)  # a batch is tokenized and stored in one call: allow time
     try:
         out = run_import(Path(args.file), client.call, fmt=args.format, skip_invalid=args.skip_invalid,
                          console=err_console)

@@ -198,6 +198,7 @@ def test_replay_export_imports_back_losslessly(daemon, http, tmp_path):
         in rows
     before = pending(http)
     r = cli("import", str(f), "--url", daemon.url, "--json")
+    assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["added"] == 0 and out["duplicates"] == len(rows)  # every row is an example it already has
     assert pending(http) == before
