@@ -31,15 +31,20 @@ def trainer_pids(state_dir: Path) -> list[int]:
 def test_sigkill_mid_update_then_restart(state_dir):
     slow = {"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_TRAIN_STEPS": "100000"}
     daemon = DaemonProcess(state_dir, env=slow).start()
-    with daemon.http() as http:
-        turn = http.post("/v1/chat/completions", json={"model": "sloth-tiny", "max_tokens": 8,
-                                                        "messages": [{"role": "user", "content": "Hi"}]}).json()
-        http.post("/sloth/teach", json={"examples": [{"prompt": "Lucky number?", "answer": "Seven."}]})
-        update_id = http.post("/sloth/updates").json()["update_id"]
-        deadline = time.monotonic() + 120
-        while (http.get(f"/sloth/updates/{update_id}").json().get("progress") or 0) <= 0:
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.3)
+    try:
+        with daemon.http() as http:
+            turn = http.post("/v1/chat/completions", json={"model": "sloth-tiny", "max_tokens": 8,
+                                                            "messages": [{"role": "user", "content": "Hi"}]}).json()
+            http.post("/sloth/teach", json={"examples": [{"prompt": "Lucky number?", "answer": "Seven."}]})
+            update_id = http.post("/sloth/updates").json()["update_id"]
+            # The update waits for the anchors (generated at first start) before its trainer starts.
+            deadline = time.monotonic() + 360
+            while (http.get(f"/sloth/updates/{update_id}").json().get("progress") or 0) <= 0:
+                assert time.monotonic() < deadline, daemon.log()
+                time.sleep(0.3)
+    except BaseException:
+        daemon.proc.kill()  # never leave a daemon training 100000 steps behind a failed test
+        raise
     assert trainer_pids(state_dir)
     assert list((state_dir / "adapters").glob(".staging-*"))
     daemon.proc.send_signal(signal.SIGKILL)
