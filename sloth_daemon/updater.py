@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from sloth_replay import MixRatios, ReplayStore, batch_counts, build_batches
+from sloth_replay import MixRatios, ReplayStore, UpdateAlreadyRunning, batch_counts, build_batches
 
 from . import testhooks
 from .adapters import AdapterRegistry
@@ -77,6 +77,9 @@ class Updater:
 
     # -- starting -------------------------------------------------------------------------------------------------
     def start(self, trigger: str) -> int:
+        # A running update first: its examples are not pending (they are claimed), so "nothing to train" would hide it.
+        if (running := self.store.running_update()) is not None:
+            raise UpdateAlreadyRunning(running["id"])
         if self.store.count_pending() == 0:
             raise NothingToTrain("no new training examples are waiting; teach, correct or rate answers first")
         update_id = self.store.begin_update(trigger=trigger, base_adapter=self.registry.current())
