@@ -51,14 +51,17 @@ def example_id(hash_hex: str) -> str:
 
 
 # Message keys kept besides role and content: OpenAI tool use (an assistant's `tool_calls`, a tool result's
-# `tool_call_id`) and a participant's `name`; chat templates that know tools render them.
+# `tool_call_id` and the called function's `name`); chat templates that know tools render them. A user's or
+# system's `name` (a participant label) is dropped: it does not change what should be learnt, and keeping it would
+# defeat deduplication.
 _KEPT_KEYS: dict[str, type] = {"tool_calls": list, "tool_call_id": str, "name": str}
+_NAME_KEPT_FOR_ROLES = ("tool", "function")
 
 
 def normalise_messages(messages: Any) -> list[dict]:
     """Validate OpenAI chat messages and reduce each to ``{"role": str, "content": str}`` plus, when present, the
-    tool-use keys `tool_calls`, `tool_call_id` and `name` (an assistant message with tool calls may have null content,
-    stored as "").
+    tool-use keys `tool_calls`, `tool_call_id` and (on a tool result) `name` (an assistant message with tool calls
+    may have null content, stored as "").
 
     Content given as a list of parts keeps only text parts (joined without separator, as OpenAI renders them);
     any other part type (images, audio) cannot become training text and is rejected.
@@ -86,6 +89,8 @@ def normalise_messages(messages: Any) -> list[dict]:
             raise ValueError(f"message {i} needs string 'content'")
         reduced: dict = {"role": role, "content": content}
         for key, shape in _KEPT_KEYS.items():  # tool use survives; anything else would defeat deduplication
+            if key == "name" and role not in _NAME_KEPT_FOR_ROLES:
+                continue
             if message.get(key) is not None:
                 if not isinstance(message[key], shape):
                     raise ValueError(f"message {i}: '{key}' must be a {shape.__name__}")
