@@ -132,7 +132,7 @@ class EngineContract:
 
     # -- the OpenAI sampling fields (issue 11) ------------------------------------------------------------------
     def test_n_choices_each_end_and_seeded_choices_repeat(self, engine):
-        params = SamplingParams(max_tokens=10, temperature=1.0, n=3, seed=7)
+        params = SamplingParams(max_tokens=10, temperature=2.0, n=3, seed=7)
 
         async def events():
             return [ev async for ev in engine.generate(chat("Tell me a story about a dog", params))]
