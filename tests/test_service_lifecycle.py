@@ -154,7 +154,7 @@ def test_sigterm_during_an_update_and_streams(service):
     headers = {"Authorization": f"Bearer {KEY}"}
     update_id = 1
     with httpx.Client(base_url=daemon.url, headers=headers, timeout=60) as http:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 360  # the update first waits for the anchors (32 probes)
         while (http.get(f"/sloth/updates/{update_id}").json().get("progress") or 0) <= 0:
             assert time.monotonic() < deadline, daemon.log()
             time.sleep(0.2)
