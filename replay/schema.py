@@ -19,6 +19,9 @@ History:
   contradict an earlier answer) until the user requeues or forgets them. Examples that a rejected update had
   consumed before v3 (and no promoted update used) are set aside with that update's reason. withdrawn: examples
   that later feedback on their turn took back before they were trained (the latest feedback on a turn wins).
+- v4: forgetting (`forgetting.py`): forget_requests (what was asked and what it deleted), tainted_adapters (versions
+  trained on deleted data), forgotten (the deleted examples that an adapter had trained on, kept only until a rebuilt
+  adapter is promoted, so that its gate can check the rebuild no longer gives their answers).
 """
 
 from __future__ import annotations
@@ -127,7 +130,30 @@ def _v3(db: Database) -> None:
     )""")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3]
+def _v4(db: Database) -> None:
+    db.execute("""CREATE TABLE forget_requests (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at TEXT NOT NULL,
+        selection TEXT NOT NULL,           -- JSON: what the user asked to forget
+        result TEXT NOT NULL               -- JSON: counts and ids of what was deleted, versions tainted
+    )""")
+    db.execute("""CREATE TABLE tainted_adapters (
+        adapter_version TEXT PRIMARY KEY,
+        update_id INTEGER REFERENCES updates(id),
+        forget_id INTEGER NOT NULL REFERENCES forget_requests(id),
+        reason TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""")
+    db.execute("""CREATE TABLE forgotten (
+        example_id TEXT PRIMARY KEY,       -- no foreign key: the example row is gone
+        forget_id INTEGER NOT NULL REFERENCES forget_requests(id),
+        kind TEXT NOT NULL,
+        prompt TEXT,
+        answer TEXT NOT NULL
+    )""")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -14,9 +14,10 @@ Contract:
   as pending) -> in the *replay pool* when that update is promoted, *set aside* with the reason when it is
   rejected, pending again when it fails. An example can also be set aside before training (`finish_update`'s
   `set_aside`: it contradicts an earlier answer); set-aside examples wait, with their reason, until `requeue`
-  makes them pending again. Anchors are their own pool and are never pending.
+  makes them pending again. Anchors are their own pool and are never pending. Forgetting (`forgetting.py`) is the
+  only way anything is deleted.
 - Bad input raises `InvalidInput`, an unknown id `NotFound`, a second update `UpdateAlreadyRunning`, a write on a
-  read-only store `ReadOnlyStore`; all derive from `StoreError`. Nothing is ever deleted.
+  read-only store `ReadOnlyStore`; all derive from `StoreError`.
 - Timestamps are ISO-8601 UTC strings. Interactions and updates come back as plain dicts (JSON fields decoded),
   examples as `Example` models.
 """
@@ -276,6 +277,15 @@ class ReplayStore:
                 self._db.rollback()
                 raise
 
+    def write_transaction(self) -> Any:
+        """One BEGIN IMMEDIATE transaction over the sqlite-utils `Database`, for sibling modules of this package that
+        need several statements at once (`forgetting.py`); committed on exit, rolled back on an error."""
+        return self._write()
+
+    def read_transaction(self) -> Any:
+        """A consistent read snapshot over the `Database`, as `write_transaction` for reads."""
+        return self._read()
+
     # ------------------------------------------------------------------------------------- interactions
 
     def log_interaction(
@@ -450,13 +460,13 @@ class ReplayStore:
 
     def feedback_for(self, interaction_ids: list[str]) -> dict[str, list[dict]]:
         """The feedback given on each of these turns, oldest first: {interaction_id: [{created_at, rating,
-        correction, comment, example_id}]} (turns without feedback are absent)."""
+        correction, comment, example_id}]} (turns without feedback are absent); `id` is the feedback id."""
         out: dict[str, list[dict]] = {}
         with self._read() as db:
             for start in range(0, len(interaction_ids), 500):  # SQLite's bound-parameter limit
                 chunk = interaction_ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
-                for row in db.query(f"SELECT interaction_id, created_at, rating, correction, comment, example_id "
+                for row in db.query(f"SELECT interaction_id, id, created_at, rating, correction, comment, example_id "
                                     f"FROM feedback WHERE interaction_id IN ({marks}) ORDER BY id", chunk):
                     out.setdefault(row.pop("interaction_id"), []).append(row)
         return out
@@ -588,8 +598,8 @@ class ReplayStore:
         set_aside: dict[str, str] | None = None,
     ) -> None:
         """Record a running update's verdict. The examples it trained on (`example_ids`, plus any it claimed) are
-        linked to it: promoted -> they join the replay pool; rejected -> they are set aside with the reason
-        "update N rejected: <reason>"; failed -> they are pending again. `set_aside` ({example id: reason}) sets
+        linked to it: promoted -> they join the replay pool; rejected -> those not already learnt (a rebuild
+        retrains learnt ones) are set aside with the reason "update N rejected: <reason>"; failed -> they are pending again. `set_aside` ({example id: reason}) sets
         further examples aside whatever the status (new examples that contradict an earlier answer).
         Non-finite metric values are stored as null."""
         if status not in ("promoted", "rejected", "failed"):
@@ -622,8 +632,9 @@ class ReplayStore:
             )
             aside = dict(set_aside or {})
             if status == "rejected":
-                linked = [r[0] for r in db.execute("SELECT example_id FROM update_examples WHERE update_id = ?",
-                                                   [update_id])]
+                linked = [r[0] for r in db.execute(  # already learnt ones stay learnt (a rebuild retrains them)
+                    f"SELECT ue.example_id FROM update_examples ue JOIN examples e ON e.id = ue.example_id "
+                    f"WHERE ue.update_id = ? AND NOT {_IN_REPLAY}", [update_id])]
                 for i in linked:
                     aside.setdefault(i, f"update {update_id} rejected: {reason or 'no reason given'}")
             self._set_aside(db, aside, update_id)

@@ -9,7 +9,11 @@ Contract:
 - `commit(staging)` turns a fully written staging folder into the next version atomically: files and folder are
   fsynced, then the folder is renamed to `vNNNNNN`. A version folder therefore either holds a complete adapter or
   does not exist. Weights are never rewritten; only `sloth_adapter.json` (status, metrics, reason) changes.
-- `set_current` replaces CURRENT atomically (temp file, fsync, rename); only `promoted` versions can be current.
+- `set_current` replaces CURRENT atomically (temp file, fsync, rename); only `promoted` versions that are not
+  tainted can become current.
+- Tainted (`tainted` holds the reason): trained on data a user asked to forget. The replay store's tainted_adapters
+  table is the record; `mark_tainted` mirrors it here (idempotent, so start-up repairs a crash in between). A
+  tainted version stays served only until a rebuild replaces it, is never served again, and can be removed.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class AdapterInfo(BaseModel):
     update_id: int | None = None
     metrics: dict = {}
     reason: str | None = None
+    tainted: str | None = None  # why it carries forgotten data; None = clean
 
 
 class AdapterNotFound(LookupError):
@@ -119,12 +124,30 @@ class AdapterRegistry:
         atomic_write_text(self.path(version) / META_FILE, info.model_dump_json(indent=2))
         return info
 
+    def mark_tainted(self, tainted: dict[str, str]) -> list[str]:
+        """Record {version: reason} of versions trained on forgotten data (versions not on disk are skipped);
+        returns the versions newly marked."""
+        marked = []
+        for version, reason in tainted.items():
+            try:
+                info = self.get(version)
+            except AdapterNotFound:
+                continue
+            if info.tainted is None:
+                atomic_write_text(self.path(version) / META_FILE,
+                                  info.model_copy(update={"tainted": reason}).model_dump_json(indent=2))
+                marked.append(version)
+        return marked
+
     def remove(self, version: str) -> None:
-        """Delete a version that is neither promoted nor current (retention). The folder is first renamed to a
-        staging name, so a crash midway leaves a folder that start-up removes, never half a version."""
+        """Delete a version that is not current and not promoted (retention), or tainted (forgetting). The folder is
+        first renamed to a staging name, so a crash midway leaves a folder that start-up removes, never half a
+        version. ValueError for a version that must stay."""
         info = self.get(version)
-        if info.status == "promoted" or version == self.current():
-            raise ValueError(f"{version} is promoted or served; it is never deleted")
+        if version == self.current():
+            raise ValueError(f"{version} is being served; serve another version before removing it")
+        if info.status == "promoted" and info.tainted is None:
+            raise ValueError(f"{version} is promoted (it can be served again by a rollback); it is never deleted")
         doomed = self.root / f".staging-removed-{version}-{uuid.uuid4().hex[:6]}"
         os.rename(self.root / version, doomed)
         fsync_dir(self.root)
@@ -141,6 +164,8 @@ class AdapterRegistry:
     def set_current(self, version: str | None) -> None:
         if version is not None and self.get(version).status != "promoted":
             raise ValueError(f"{version} is not a promoted adapter")
+        if version is not None and (why := self.get(version).tainted):
+            raise ValueError(f"{version} was trained on forgotten data ({why}); it is not served again")
         atomic_write_text(self.root / "CURRENT", (version or "") + "\n")
 
     def to_json(self) -> list[dict]:

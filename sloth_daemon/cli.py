@@ -3,8 +3,9 @@
     sloth-daemon serve [--config FILE] [--model PATH] [--host H] [--port P] [--zmq ADDR] [--state-dir DIR]
     sloth-daemon status                       # what the running daemon serves, pending examples, recent updates
     sloth-daemon train-now [--wait] [--json]  # start an update now (and follow it to its verdict)
-    sloth-daemon adapters list | rollback VERSION|latest|previous|base
+    sloth-daemon adapters list | rollback VERSION|latest|previous|base | remove VERSION
     sloth-daemon examples set-aside | requeue [EXAMPLE_ID ...]   # examples kept out of training; make them pending
+    sloth-daemon forget [--example ID] [--feedback ID] [--turn ID] [--conversation TURN_ID] [--since T] [--until T]
     sloth-daemon replay stats [--state-dir DIR]   # reads replay.db directly; works with the daemon stopped
     sloth-daemon replay export FILE [--pending]   # the learnt examples as OpenAI-chat JSONL (what import reads)
     sloth-daemon import FILE [--format F] [--skip-invalid]   # a dataset into the running daemon
@@ -128,6 +129,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     judged = next((u for u in s["recent_updates"] if (u.get("metrics") or {}).get("gate")), None)
     if judged is not None:
         _checks_table(judged)
+    if s.get("adapter_tainted"):
+        console.print(f"[yellow]the served adapter was trained on forgotten data[/] ({s['adapter_tainted']}); "
+                      "a rebuild replaces it once promoted", highlight=False)
     if s.get("set_aside_examples"):
         console.print(f"[yellow]{s['set_aside_examples']} example(s) set aside, not trained[/] (newest first):")
         for row in s.get("set_aside") or []:
@@ -203,6 +207,12 @@ def _resolve_version(client: Client, version: str) -> str:
 
 def cmd_adapters(args: argparse.Namespace) -> None:
     client = Client(_config(args), args.url)
+    if args.action == "remove":
+        if not args.version:
+            _die(EXIT_USAGE, "adapters remove needs a VERSION (a tainted or rejected one)")
+        out = client.call("DELETE", f"/sloth/adapters/{args.version}")
+        console.print(f"removed {out['removed']}")
+        return
     if args.action == "rollback":
         if not args.version:
             _die(EXIT_USAGE, "adapters rollback needs a VERSION (e.g. v000002), 'latest', 'previous' or 'base'")
@@ -215,8 +225,39 @@ def cmd_adapters(args: argparse.Namespace) -> None:
         t.add_column(col)
     for a in out["data"]:
         name = f"* {a['version']}" if a["current"] else a["version"]
-        t.add_row(name, a["status"], a.get("parent") or "", a["created_at"][:19], (a.get("reason") or "")[:80])
+        status = a["status"] + (" (tainted)" if a.get("tainted") else "")
+        reason = a.get("tainted") or a.get("reason") or ""
+        t.add_row(name, status, a.get("parent") or "", a["created_at"][:19], reason[:80])
     console.print(t)
+
+
+def cmd_forget(args: argparse.Namespace) -> None:
+    body = {"example_ids": args.example, "feedback_ids": args.feedback, "interaction_ids": args.turn,
+            "conversation": args.conversation, "since": args.since, "until": args.until}
+    body = {k: v for k, v in body.items() if v}
+    if not body:
+        _die(EXIT_USAGE, "forget needs something to forget: --example, --feedback, --turn, --conversation, "
+                         "--since/--until")
+    client = Client(_config(args), args.url)
+    client.http.timeout = httpx.Timeout(300)  # a running update is stopped first
+    out = client.call("POST", "/sloth/forget", json=body)
+    if args.json:
+        console.print_json(json.dumps(out))
+        return
+    console.print(f"forgot {out['examples']} example(s), {out['feedback']} feedback, {out['interactions']} "
+                  f"turn(s)", highlight=False)
+    if out["stopped_update"] is not None:
+        console.print(f"stopped the running update {out['stopped_update']} first")
+    if out["tainted"]:
+        console.print(f"[yellow]trained on forgotten data (tainted, never served again):[/] {', '.join(out['tainted'])}")
+    rebuild = out["rebuild"]
+    if rebuild and rebuild["status"] == "running":
+        console.print(f"rebuild update {rebuild['update_id']} started; the tainted adapter is served until it is "
+                      "promoted (`sloth-daemon status`)")
+    elif rebuild:
+        console.print("nothing is left to learn: serving the base model")
+    if out["requeued"]:
+        console.print(f"{len(out['requeued'])} set-aside example(s) that contradicted what was forgotten are pending")
 
 
 def _zmq_address(cfg: DaemonConfig, args: argparse.Namespace) -> str:
@@ -410,9 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("adapters", help="list adapter versions or roll back")
     client_args(s)
-    s.add_argument("action", choices=["list", "rollback"])
+    s.add_argument("action", choices=["list", "rollback", "remove"])
     s.add_argument("version", nargs="?")
     s.set_defaults(fn=cmd_adapters)
+
+    s = sub.add_parser("forget", help="delete examples, feedback, turns, a conversation or a time range; adapters "
+                       "trained on them are rebuilt without them")
+    client_args(s)
+    s.add_argument("--example", action="append", default=[], metavar="ID", help="a training example (repeatable)")
+    s.add_argument("--feedback", action="append", default=[], type=int, metavar="ID", help="a feedback (repeatable)")
+    s.add_argument("--turn", action="append", default=[], metavar="ID", help="a logged turn (repeatable)")
+    s.add_argument("--conversation", metavar="TURN_ID", help="every turn of this turn's conversation")
+    s.add_argument("--since", metavar="TIME", help="ISO-8601: what was created at or after it")
+    s.add_argument("--until", metavar="TIME", help="ISO-8601: what was created before it")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_forget)
 
     s = sub.add_parser("examples", help="examples set aside from training (with reasons); make them pending again")
     client_args(s)

@@ -147,6 +147,14 @@ class _Ops:
         return self._call("requeue", {} if example_ids is None else {"example_ids": example_ids}, timeout)
 
 
+    def forget(self, *, timeout: float | None = None, **selection: Any) -> Any:
+        """Forget what `selection` names (example_ids, feedback_ids, interaction_ids, conversation, since, until)."""
+        return self._call("forget", {k: v for k, v in selection.items() if v is not None}, timeout)
+
+    def remove_adapter(self, version: str, *, timeout: float | None = None) -> Any:
+        return self._call("remove_adapter", {"version": version}, timeout)
+
+
 class _Base(_Ops):
     def __init__(self, address: str | None, *, timeout: float, retries: int, api_key: str | None,
                  max_message_bytes: int):

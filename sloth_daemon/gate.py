@@ -21,6 +21,9 @@ measurement, its bound and its result:
 - recall_loss:  the recall sample's mean loss may rise at most `max_recall_loss_increase` (relative) plus
                 `recall_loss_floor` (absolute: learnt examples have losses near zero, where a relative bound alone
                 would trip on noise).
+- forgotten:    (a rebuild only) of the forgotten examples, those the candidate answers exactly under greedy
+                decoding and the base model does not: none allowed (what was forgotten must not come back; an
+                answer the base model gives anyway is not the adapter's doing).
 A missing or non-finite score fails its check; an empty set is skipped and said so.
 """
 
@@ -155,9 +158,21 @@ def _kl(name: str, s: EvalScores | None, what: str, bound: float) -> Check:
                         f"({'within' if ok else 'above'} bound {bound:.4f})")
 
 
+def _forgotten(s: EvalScores) -> Check:
+    if s.examples == 0:
+        return _skip("forgotten", "no forgotten examples kept to check: skipped")
+    if len(s.parent_exact) != s.examples or len(s.candidate_exact) != s.examples:
+        return Check(name="forgotten", passed=False, detail="greedy answers on forgotten examples were not scored",
+                     examples=s.examples)
+    back = [s.ids[i] for i in range(s.examples) if s.candidate_exact[i] and not s.parent_exact[i]]
+    return Check(name="forgotten", passed=not back, measured=float(len(back)), bound=0.0, examples=s.examples,
+                 failing=back, detail=f"{len(back)} of {s.examples} forgotten examples are still answered exactly "
+                                      f"(the base model does not answer them so; allowed 0)")
+
+
 def judge(scores: dict[str, EvalScores], cfg: GateConfig, *, heldout_note: str | None = None) -> Verdict:
-    """The verdict on a candidate from its eval scores (sets "new", "new_heldout", "anchor", "recall"; see the
-    module docstring). `heldout_note` explains why no new examples were held out (None when some were)."""
+    """The verdict on a candidate from its eval scores (sets "new", "new_heldout", "anchor", "recall", and
+    "forgotten" for a rebuild; see the module docstring). `heldout_note` explains why no new examples were held out (None when some were)."""
     checks = []
     new = scores.get("new")
     if new is None or new.examples == 0:
@@ -187,6 +202,8 @@ def judge(scores: dict[str, EvalScores], cfg: GateConfig, *, heldout_note: str |
     checks.append(_answers_lost("recall_answers", recall, "earlier learnt examples", cfg.max_answers_lost))
     checks.append(_loss_rise("recall_loss", recall, "earlier learnt examples", cfg.max_recall_loss_increase,
                              cfg.recall_loss_floor))
+    if "forgotten" in scores:
+        checks.append(_forgotten(scores["forgotten"]))
     failed = [c for c in checks if not c.passed]
     reason = "all checks passed" if not failed else "; ".join(f"{c.name}: {c.detail}" for c in failed)
     return Verdict(promote=not failed, reason=reason, checks=checks)

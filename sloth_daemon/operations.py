@@ -34,11 +34,13 @@ from .api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
+    ForgetRequest,
     RequeueRequest,
     RollbackRequest,
     TeachRequest,
     refused_field,
 )
+from . import forgetting
 from .dataio.importer import ImportRequest, plan_import
 from .engine.base import AdapterLoadError, EngineError, InvalidParam, RequestTooLong, SamplingParams, TextDelta
 from .limits import TooLarge, check_feedback, check_teach, split_document
@@ -363,6 +365,19 @@ class Operations:
         store = self.daemon.store
         return {"requeued": store.requeue(body.example_ids), "pending_examples": store.count_pending()}
 
+    async def forget(self, body: ForgetRequest) -> dict:
+        """Delete what `body` selects, mark the adapters trained on it tainted and rebuild (`forgetting`)."""
+        check_text(body)
+        d = self.daemon
+        try:
+            return await forgetting.forget(d.updater, d.store, d.registry, body.model_dump())
+        except NotFound as e:
+            raise OpError("not_found", str(e)) from None
+        except InvalidInput as e:
+            raise OpError("invalid_request", str(e)) from None
+        except UpdateAlreadyRunning as e:
+            raise OpError("conflict", f"an update would not stop ({e}); try again", reason="update_running") from None
+
     def import_examples(self, body: ImportRequest) -> dict:
         """A dataset's rows and documents as training examples (`dataio.importer`): all or nothing unless
         `skip_invalid`; blocking (tokenizes, writes): call it off the event loop."""
@@ -427,6 +442,18 @@ class Operations:
         except AdapterLoadError as e:
             raise OpError("engine_error", str(e), reason="adapter_load_failed") from None
         return {"current": self.daemon.registry.current()}
+
+    def remove_adapter(self, version: str) -> dict:
+        """Delete an adapter version that is not served: a tainted or rejected one (promoted clean ones stay)."""
+        check_text(version)
+        registry = self.daemon.registry
+        try:
+            registry.remove(version)
+        except AdapterNotFound as e:
+            raise OpError("not_found", str(e), param="version") from None
+        except ValueError as e:
+            raise OpError("conflict", str(e), param="version") from None
+        return {"removed": version, "current": registry.current()}
 
     def interactions(self, limit: int = 50, offset: int = 0) -> dict:
         store = self.daemon.store

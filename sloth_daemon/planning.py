@@ -10,6 +10,10 @@ Contract:
   judged.
 - Eval sets (at most `gate.max_eval_examples` each, sampled with the seed): "new" (trained new examples),
   "new_heldout", "anchor" (held-out anchors), "recall" (earlier learnt examples, from the replay pool).
+- A rebuild (`rebuild=True`: the served adapter was trained on forgotten data, so a fresh LoRA is trained on what
+  remains) trains on every learnt example as well as the pending ones: the replay pool joins the trained new
+  examples (never held out) and nothing is left to replay. Its "forgotten" eval set holds the forgotten examples
+  (all of them: the gate checks that none of their answers came back).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Plan:
     conflicts: dict[str, str]
     heldout_note: str | None
     eval_sets: dict[str, list[Example]] = field(default_factory=dict)
+    rebuild: bool = False
 
     @property
     def trained_ids(self) -> list[str]:
@@ -50,17 +55,20 @@ class Plan:
         return {"new_trained": len(self.train_new), "new_heldout": len(self.heldout_new),
                 "replay_pool": len(self.replay), "anchors_trained": len(self.train_anchors),
                 "anchors_heldout": len(self.heldout_anchors), "conflicts": self.conflicts,
-                "heldout_note": self.heldout_note,
+                "heldout_note": self.heldout_note, "rebuild": self.rebuild,
                 "eval_examples": {k: len(v) for k, v in self.eval_sets.items()}}
 
 
 def plan_update(pending: list[Example], replay: list[Example], anchors: list[Example], gate: GateConfig, *,
-                seed: int) -> Plan:
-    """The plan for one update (see the module docstring); deterministic for a given seed."""
+                seed: int, forgotten: list[Example] | None = None) -> Plan:
+    """The plan for one update (see the module docstring); deterministic for a given seed. `forgotten` not None
+    makes it a rebuild."""
     conflicts = find_conflicts(pending, replay, anchors)
     usable = [e for e in pending if e.id not in conflicts]
     train_new, heldout = split_holdout(usable, fraction=gate.holdout_fraction,
                                        min_examples=gate.min_holdout_examples, seed=seed)
+    if forgotten is not None:
+        train_new, replay = [*replay, *train_new], []
     note = None
     if not heldout:
         note = ("not held out: gate.holdout_fraction is 0, so new examples are judged only on what was trained"
@@ -77,4 +85,8 @@ def plan_update(pending: list[Example], replay: list[Example], anchors: list[Exa
         "anchor": _sample(held_anchors, n, seed),
         "recall": _sample(replay, n, seed),
     }
+    if forgotten is not None:
+        plan.rebuild = True
+        plan.eval_sets["recall"] = _sample([e for e in train_new if e.id not in {x.id for x in usable}], n, seed)
+        plan.eval_sets["forgotten"] = list(forgotten)
     return plan

@@ -3,7 +3,8 @@
 Start-up order (each step needs the one before): state dir → replay store (an update left `running` by a crash is
 marked failed) → adapter registry (half-written adapters removed) → model folder (the built-in tiny model is built
 on first use) → engine → the promoted adapter from CURRENT is loaded → scheduler → ZeroMQ sockets (`zmq`; they
-stop first). Anchors are made in the background; updates wait for them. `GET /health` answers once all this is done
+stop first). Anchors are made in the background; updates wait for them. A served version that is tainted (a
+forget request's rebuild did not finish) gets its rebuild started (`forgetting.py`). `GET /health` answers once all this is done
 (uvicorn accepts connections only after the lifespan start-up returns).
 
 Process life (what systemd sees; `notify.py` speaks the protocol): READY=1 once the HTTP socket listens, STATUS=
@@ -27,6 +28,7 @@ from typing import Any, Callable
 import uvicorn
 
 from sloth_replay import ReplayStore
+from sloth_replay.forgetting import tainted_adapters
 
 from . import __version__
 from .adapters import AdapterRegistry
@@ -37,6 +39,7 @@ from .api.zmq import ZmqBindError, ZmqServer
 from .api.zmq_protocol import resolve_addresses
 from .config import ConfigError, DaemonConfig
 from .engine.base import AdapterLoadError, Engine
+from .forgetting import mark_tainted
 from .housekeeping import prune
 from .logs import configure_logging
 from .metrics import DaemonMetrics
@@ -117,6 +120,7 @@ class Daemon:
             log.warning("removed half-written adapter folder(s): %s", ", ".join(removed))
         if interrupted is not None:
             self._disown_unserved_adapters(interrupted["id"])
+        mark_tainted(self.store, self.registry)  # a crash right after a forget request left the registry behind
         prune(cfg.runs_dir, self.registry, cfg.retention.keep_last)
         self.notifier.status("starting: loading the model")
         model_path, self.model_name = await asyncio.to_thread(resolve_model, cfg)
@@ -134,6 +138,7 @@ class Daemon:
         self.scheduler.start()
         self._spawn(self.updater.preload())  # on CUDA: the warm trainer loads the base while anchors are made
         self._spawn(self._make_anchors())
+        self._spawn(self._resume_rebuild())
         await self._start_zmq()
         log.info("serving %s (%s engine) with adapter %s; state in %s", self.model_name, self.engine.name,
                  current or "none (base model)", cfg.state_dir)
@@ -184,6 +189,13 @@ class Daemon:
             log.exception("anchor generation failed; updates run without anchors")
         finally:
             self.updater.ready.set()
+
+    async def _resume_rebuild(self) -> None:
+        """A forget request whose rebuild did not finish (crash, restart) leaves the served version tainted."""
+        try:
+            await self.updater.rebuild_if_needed("rebuild")
+        except Exception:
+            log.exception("could not start the rebuild of a tainted adapter; the next update rebuilds it")
 
     async def stop(self) -> None:
         if self.zmq is not None:
@@ -258,6 +270,8 @@ class Daemon:
             "pending_examples": self.store.count_pending(),
             "set_aside_examples": self.store.count_set_aside(),
             "set_aside": self.store.set_aside_examples(limit=10),
+            "tainted_adapters": (tainted := tainted_adapters(self.store)),
+            "adapter_tainted": tainted.get(self.engine.current_adapter or ""),
             "anchors": self.store.count_anchors(),
             "interactions": self.store.count_interactions(),
             "update": self.updater.progress,

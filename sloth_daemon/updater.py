@@ -12,6 +12,12 @@ Contract:
   (`ReplayStore.requeue` makes them pending again); contradicting examples are set aside whatever the verdict.
 - The adapter becomes a registry version only once fully written; it is served only after the gate passed and the
   engine confirmed it applies it; CURRENT is switched last.
+- Rebuilds: while the served version is tainted (trained on forgotten data, `sloth_replay.forgetting`), every
+  update is a rebuild: a fresh LoRA on the base (no parent: a tainted parent would hand the data down) trained on
+  every learnt and pending example, judged also on the forgotten examples (`planning`, `gate`). Once one is
+  promoted the kept text of the forgotten examples is deleted. `rebuild_if_needed` starts one (after a forget, and
+  at start-up, so a crash in between only delays it); with nothing left to learn it serves the base model instead.
+  Tainted versions are never served again by a rollback.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from sloth_replay import MixRatios, ReplayStore, UpdateAlreadyRunning, batch_counts, build_batches
+from sloth_replay.forgetting import forgotten_examples, purge_forgotten, tainted_adapters
 
 from . import testhooks
 from .adapters import AdapterRegistry
@@ -80,15 +87,38 @@ class Updater:
         # A running update first: its examples are not pending (they are claimed), so "nothing to train" would hide it.
         if (running := self.store.running_update()) is not None:
             raise UpdateAlreadyRunning(running["id"])
-        if self.store.count_pending() == 0:
+        rebuild = self.needs_rebuild()
+        if self.store.count_pending() == 0 and not (rebuild and self.store.replay_pool()):
             raise NothingToTrain("no new training examples are waiting; teach, correct or rate answers first")
-        update_id = self.store.begin_update(trigger=trigger, base_adapter=self.registry.current())
+        update_id = self.store.begin_update(trigger=trigger, base_adapter=None if rebuild else self.registry.current())
         self._timeline = {"trigger": time.time()}
         self.progress = {"update_id": update_id, "progress": 0.0, "message": "starting"}
         self._stoppable = True
         self._task = asyncio.get_running_loop().create_task(self._run(update_id), name=f"update-{update_id}")
         self.on_change()
         return update_id
+
+    def needs_rebuild(self) -> bool:
+        """Whether the served version was trained on forgotten data (the replay store's record decides)."""
+        current = self.registry.current()
+        return current is not None and current in tainted_adapters(self.store)
+
+    async def rebuild_if_needed(self, trigger: str) -> dict | None:
+        """Start a rebuild when the served version is tainted: {"update_id", "status": "running"}; with nothing left
+        to learn, serve the base model: {"update_id": None, "status": "base"}. None when no rebuild is needed (the
+        kept text of forgotten examples is deleted then: nothing served can carry them)."""
+        if not self.needs_rebuild():
+            await asyncio.to_thread(purge_forgotten, self.store)
+            return None
+        if self.store.count_pending() == 0 and not self.store.replay_pool():
+            await self.rollback(None)
+            await asyncio.to_thread(purge_forgotten, self.store)
+            log.warning("forgetting: nothing is left to learn; serving the base model")
+            return {"update_id": None, "status": "base"}
+        update_id = self.start(trigger)
+        log.warning("forgetting: the served adapter was trained on forgotten data; rebuild update %d started",
+                    update_id)
+        return {"update_id": update_id, "status": "running"}
 
     async def wait(self) -> None:
         if self._task is not None:
@@ -163,8 +193,9 @@ class Updater:
     def _job(self, update_id: int, staging: Path) -> tuple[TrainJob | None, Plan]:
         cfg, tc = self.cfg, self.cfg.train
         seed = tc.seed + update_id
+        forgotten = forgotten_examples(self.store) if self.needs_rebuild() else None
         plan = plan_update(self.store.pending_examples(), self.store.replay_pool(), self.store.anchors(), cfg.gate,
-                           seed=seed)
+                           seed=seed, forgotten=forgotten)
         if not plan.train_new:
             return None, plan  # every new example contradicts an earlier answer
         ratios = MixRatios(new=cfg.mix.new, replay=cfg.mix.replay, anchor=cfg.mix.anchor)
@@ -175,7 +206,7 @@ class Updater:
             steps=planned_steps(tc, len(plan.train_new), new_per_batch), batch_size=tc.batch_size, seed=seed,
         )
         device = self._device()
-        current = self.registry.current()
+        current = None if plan.rebuild else self.registry.current()
         chat_format = getattr(self.engine, "chat_format", None)
         job = TrainJob(
             base_model=str(self.base_model),
@@ -246,7 +277,7 @@ class Updater:
                        "gate": verdict.model_dump(), "plan": plan.summary(), "timeline": self._timeline,
                        "seconds": round(time.monotonic() - t0, 2)}
             example_ids = plan.trained_ids
-            parent = self.registry.current()
+            parent = None if plan.rebuild else self.registry.current()
             info = self.registry.commit(staging, parent=parent, update_id=update_id, metrics=metrics)
             self._timeline["commit"] = time.time()
             staging = None
@@ -267,6 +298,8 @@ class Updater:
                 return
             self.store.finish_update(update_id, status="promoted", adapter_version=info.version, metrics=metrics,
                                      reason=None, example_ids=example_ids, set_aside=plan.conflicts)
+            if plan.rebuild:
+                purge_forgotten(self.store)  # nothing served carries them now
             log.info("update %d: promoted %s (%s)", update_id, info.version, verdict.reason)
         except (TrainerFailed, asyncio.CancelledError, Exception) as e:
             reason = str(e) or type(e).__name__
@@ -299,6 +332,8 @@ class Updater:
         self.on_change()
 
     async def rollback(self, version: str | None) -> None:
+        if version is not None and (why := self.registry.get(version).tainted):
+            raise ValueError(f"{version} was trained on forgotten data ({why}); it is not served again")
         if version is not None and self.registry.get(version).status != "promoted":
             raise ValueError(f"{version} was never promoted (status {self.registry.get(version).status}); "
                              "only promoted versions can be served")

@@ -3,7 +3,8 @@
 OpenAI-compatible: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with SSE streaming).
 Daemon: `POST /sloth/feedback`, `POST /sloth/teach`, `POST /sloth/import` (datasets), `GET /sloth/status`,
 `POST /sloth/updates` (trigger), `GET /sloth/updates[/{id}]`, `GET /sloth/adapters`, `POST /sloth/adapters/rollback`,
-`GET /sloth/interactions`, `GET /sloth/examples/set-aside`, `POST /sloth/examples/requeue`.
+`GET /sloth/interactions`, `GET /sloth/examples/set-aside`, `POST /sloth/examples/requeue`, `POST /sloth/forget`,
+`DELETE /sloth/adapters/{version}`.
 `GET /health` is 200 once the daemon serves. `GET /metrics` is the Prometheus exposition (`metrics.py`); `GET /` is
 the status page (`api/page.py`), which reads the JSON API from the browser. Every error is an OpenAI-style body with
 a 4xx/5xx status.
@@ -39,6 +40,7 @@ from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
+    ForgetRequest,
     RequeueRequest,
     RollbackRequest,
     TeachRequest,
@@ -235,6 +237,10 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     async def requeue(body: RequeueRequest) -> dict:
         return ops.requeue(body)
 
+    @app.post("/sloth/forget")
+    async def forget(body: ForgetRequest) -> dict:
+        return await ops.forget(body)
+
     @app.post("/sloth/import")
     async def import_examples(body: ImportRequest) -> dict:
         return await asyncio.to_thread(ops.import_examples, body)
@@ -259,6 +265,10 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     @app.get("/sloth/adapters")
     async def adapters() -> dict:
         return ops.adapters()
+
+    @app.delete("/sloth/adapters/{version}")
+    async def remove_adapter(version: str) -> dict:
+        return await asyncio.to_thread(ops.remove_adapter, version)
 
     @app.post("/sloth/adapters/rollback")
     async def rollback(body: RollbackRequest) -> dict:

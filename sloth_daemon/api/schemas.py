@@ -344,6 +344,26 @@ class RequeueRequest(BaseModel):
     example_ids: list[str] | None = Field(None, description="set-aside examples to make pending again; none = all")
 
 
+class ForgetRequest(BaseModel):
+    """What to forget (`sloth_replay.forgetting`): any mix of the selectors; at least one."""
+
+    model_config = ConfigDict(extra="forbid")
+    example_ids: list[str] = Field([], description="training examples (ids as teach, feedback and status give them)")
+    feedback_ids: list[int] = Field([], description="feedback (ids as /sloth/feedback and /sloth/interactions give)")
+    interaction_ids: list[str] = Field([], description="logged turns (response ids), with their feedback")
+    conversation: str | None = Field(None, description="a turn id: every turn of its conversation")
+    since: str | None = Field(None, description="ISO-8601 time: what was created at or after it")
+    until: str | None = Field(None, description="ISO-8601 time: what was created before it")
+
+    @model_validator(mode="after")
+    def _something(self) -> "ForgetRequest":
+        if not (self.example_ids or self.feedback_ids or self.interaction_ids or self.conversation or self.since
+                or self.until):
+            raise ValueError("say what to forget: example_ids, feedback_ids, interaction_ids, conversation, or a "
+                             "time range (since/until)")
+        return self
+
+
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str = Field(description="an adapter version such as v000002, or 'base' for no adapter")

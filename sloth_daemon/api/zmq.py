@@ -44,6 +44,7 @@ from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
+    ForgetRequest,
     RequeueRequest,
     RollbackRequest,
     TeachRequest,
@@ -384,6 +385,10 @@ class ZmqServer:
             return ops.set_aside(parse(_InteractionsQuery, fields).limit)
         if op == "requeue":
             return ops.requeue(parse(RequeueRequest, fields))
+        if op == "forget":
+            return await ops.forget(parse(ForgetRequest, fields))
+        if op == "remove_adapter":
+            return await asyncio.to_thread(ops.remove_adapter, parse(RollbackRequest, fields).version)
         raise OpError("internal", f"op {op!r} has no handler")
 
     async def _generate(self, req: _Request, op: str, fields: dict) -> None:

@@ -59,7 +59,7 @@ def log(store, id, *, kind="chat", prompt=None, response="Paris.", **overrides):
 
 def test_creates_file_in_wal_mode_at_latest_schema(store, db_path):
     assert db_path.is_file()
-    assert store.schema_version == SCHEMA_VERSION == 3
+    assert store.schema_version == SCHEMA_VERSION == 4
     conn = sqlite3.connect(db_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -363,7 +363,7 @@ def test_v3_migration_sets_aside_what_rejected_updates_consumed(db_path):
     db["updates"].insert({"id": 2, "trigger": "manual", "status": "promoted", "started_at": "t"})
     db["update_examples"].insert_all([{"update_id": 1, "example_id": "ex_a"}, {"update_id": 1, "example_id": "ex_b"},
                                       {"update_id": 2, "example_id": "ex_b"}])
-    assert migrate(db) == 3
+    assert migrate(db, target=3) == 3
     rows = list(db.query("SELECT example_id, update_id, reason FROM set_aside"))
     assert rows == [{"example_id": "ex_a", "update_id": 1, "reason": "update 1 rejected: bad"}]
     db.conn.close()
