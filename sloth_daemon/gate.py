@@ -6,7 +6,7 @@ Before training (`heldout_anchors`, `find_conflicts`):
   trained on, so the anchor checks measure general behaviour on data the update did not see.
 - A new example whose prompt is the prompt of an anchor or of an earlier learnt example, with a different answer,
   contradicts it. It is not trained on: the update sets it aside with the reason (replacing an earlier answer is an
-  explicit user action: forget the earlier example, or teach with `replace`).
+  explicit user action: forgetting the earlier example makes the new one pending again, `sloth_replay.forgetting`).
 
 After training (`judge`, on `TrainResult.eval`, per example scores from `trainer.scoring`). Each check records its
 measurement, its bound and its result:
@@ -96,9 +96,13 @@ def find_conflicts(new: list[Any], learnt: list[Any], anchors: list[Any]) -> dic
     for e in new:
         old = earlier.get(prompt_key(e.kind, e.prompt) or "")
         if old is not None and old.answer.strip() != e.answer.strip():
-            what = "an anchor (the base model's own answer)" if old.source == "anchor" else f"learnt example {old.id}"
-            out[e.id] = (f"contradicts {what}, which answers the same prompt with {_clip(old.answer)!r}; "
-                         f"to replace that answer, forget {old.id} first (or teach with replace=true)")
+            if old.source == "anchor":
+                what, how = ("an anchor (the base model's own answer)",
+                             "anchors are not replaced (forget this example to drop it)")
+            else:
+                what, how = f"learnt example {old.id}", f"to replace that answer, forget {old.id} (this one is then " \
+                                                       "pending again)"
+            out[e.id] = f"contradicts {what}, which answers the same prompt with {_clip(old.answer)!r}; {how}"
     return out
 
 
