@@ -41,9 +41,10 @@ from .api.schemas import (
     refused_field,
 )
 from . import forgetting
+from .dataio.chunking import split_document
 from .dataio.importer import ImportRequest, plan_import
 from .engine.base import AdapterLoadError, EngineError, InvalidParam, RequestTooLong, SamplingParams, TextDelta
-from .limits import TooLarge, check_feedback, check_teach, split_document
+from .limits import TooLarge, check_feedback, check_teach
 from .prompting import ChatTemplateError, check_example
 from .textcheck import invalid_text
 from .tool_calls import ToolUse
@@ -344,7 +345,9 @@ class Operations:
                 ids.append(ex.id)
                 added += created
             for doc in body.documents:
-                parts = split_document(tokenizer, doc, self.daemon.cfg.train.max_seq_len) if tokenizer else [doc]
+                # the trainer appends the end-of-text token to each document: one token less per chunk
+                room = self.daemon.cfg.train.max_seq_len - 1
+                parts = split_document(tokenizer, doc, room) if tokenizer else [doc]
                 chunks.append(len(parts))
                 for part in parts:
                     ex, created = store.add_document(part)
