@@ -9,13 +9,8 @@
 # variant NAME is also the one configuration it runs (`--configs NAME`): the configurations side by side in parallel,
 # then `bench_retention --merge` makes one report of them.
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /tmp/bench /tmp/alias
-SITE=${SITE:-/tmp/site}
-python3 -m pip install -q --no-deps --no-index --target "$SITE" .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed"
-ln -sfn "$PWD/kernels" /tmp/alias/sloth_kernels
-ln -sfn "$PWD/replay" /tmp/alias/sloth_replay
-export PYTHONPATH=$SITE:/tmp/alias:$PWD
+# shellcheck source=benchmarks/device_env.sh
+source benchmarks/device_env.sh
 export OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2}
 MODEL=${MODEL:-bench_out/sloth-tiny}
 pids=()

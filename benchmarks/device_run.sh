@@ -5,16 +5,12 @@
 #   TEST_FILES="tests/kernels/test_graph_step.py" SHAPES= bash benchmarks/device_run.sh   # tests only
 #   SHAPES=llama8b-2k CONFIGS=hf_bf16,ours STEPS=1 WARMUP=1 TESTS=0 EXTRA_ARGS=--tiny SITE=/tmp/site-test \
 #       bash benchmarks/device_run.sh                                                        # plumbing, CPU
-# Installs the carried wheels (bitsandbytes; liger-kernel/unsloth with `device-wheels --peers`) into /tmp/site,
-# makes `sloth_kernels` importable, and leaves at most three files under $OUT (the tool brings back eight at most):
+# Setup (wheels, package aliases) is benchmarks/device_env.sh's: carry `.whl` (bitsandbytes; liger-kernel/unsloth with
+# `device-wheels --peers`). Leaves at most three files under $OUT (the tool brings back eight at most):
 # qlora_step.json, tests.txt, bench.tgz (per-configuration logs, and profiles when PROFILE=1).
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /tmp/bench /tmp/alias
-SITE=${SITE:-/tmp/site}
-python3 -m pip install -q --no-deps --no-index --target "$SITE" .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed"
-ln -sfn "$PWD/kernels" /tmp/alias/sloth_kernels
-export PYTHONPATH=$SITE:/tmp/alias:$PWD PYTHONUNBUFFERED=1
+# shellcheck source=benchmarks/device_env.sh
+source benchmarks/device_env.sh
 if [ "${TESTS:-1}" = 1 ]; then  # first: a kernel that fails its CUDA tests makes the figures below moot
     # shellcheck disable=SC2086
     timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q ${TEST_FILES:-tests/kernels} -k cuda -p no:cacheprovider \
