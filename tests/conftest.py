@@ -18,6 +18,20 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_daemon_left_behind():
+    """Stop every daemon a test started and left running (a test that fails half-way through would otherwise leave
+    it training, e.g. 100000 steps, and slow every later test down)."""
+    from .daemon_proc import DaemonProcess
+
+    before = set(DaemonProcess.started)
+    yield
+    for daemon in DaemonProcess.started - before:
+        DaemonProcess.started.discard(daemon)
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The built-in default model (taught its built-in Q&A), built once per test session."""

@@ -20,6 +20,10 @@ def free_port() -> int:
 
 
 class DaemonProcess:
+    """`sloth-daemon serve` as a child process on a free port, logging to a file beside its state dir."""
+
+    started: set["DaemonProcess"] = set()  # every one started, so a failed test's daemon is stopped (conftest)
+
     def __init__(self, state_dir: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None):
         self.state_dir = state_dir
         self.port = free_port()
@@ -37,6 +41,7 @@ class DaemonProcess:
              "--state-dir", str(self.state_dir), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )
+        DaemonProcess.started.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -254,3 +254,18 @@ def test_a_preloaded_warm_trainer_makes_the_first_update_warm(tiny_model, tmp_pa
     assert [e["phase"] for e in events if e.get("event") == "phase"] == ["attach", "eval_before", "train",
                                                                          "eval_after", "save"]
     assert not (tmp_path / "unused" / "adapter_config.json").exists()  # the warm-up step saved nowhere we see
+
+
+def test_job_file_carries_each_example_once(tmp_path):
+    """A long update repeats a few examples in every step: the job file names them by id, so its size does not
+    grow with their text times the steps (issue 14: a 2 MB prompt made a 407 MB job file)."""
+    long = TrainExample(id="ex_long", kind="chat", prompt=[{"role": "user", "content": "x" * 100_000}], answer="y")
+    j = job(tmp_path, tmp_path, batches=[[long, *FACTS]] * 2000)
+    text = j.model_dump_json()
+    assert text.count("x" * 100_000) == 1 and len(text) < 200_000
+    back = TrainJob.model_validate_json(text)
+    assert back.batch_examples()[1999] == [long, *FACTS] and back.eval_examples() == {"new": FACTS}
+    back.leave_out({"ex_long"})
+    assert back.batches[0] == [e.id for e in FACTS] and "ex_long" not in back.examples
+    with pytest.raises(ValueError, match="does not carry"):
+        TrainJob.model_validate({**json.loads(text), "batches": [["ex_missing"]]})

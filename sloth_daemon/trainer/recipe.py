@@ -81,11 +81,7 @@ def drop_unrenderable(job: TrainJob, tokenizer: Any, emit: Emit) -> None:
     """Leave out the examples the chat template refuses (e.g. stored before the template changed): one bad example
     must not fail the whole update. New ones were already checked when they were taught."""
     refused: dict[str, str] = {}
-    seen: set[str] = set()
-    for ex in [e for batch in job.batches for e in batch] + [e for s in job.eval_sets.values() for e in s]:
-        if ex.id in seen:
-            continue
-        seen.add(ex.id)
+    for ex in job.examples.values():  # each example once, however many batches repeat it
         try:
             check_example(tokenizer, ex.kind, ex.prompt, ex.answer)
         except ChatTemplateError as e:
@@ -93,13 +89,22 @@ def drop_unrenderable(job: TrainJob, tokenizer: Any, emit: Emit) -> None:
     if refused:
         emit({"event": "log", "message": f"left out {len(refused)} example(s) the chat template refuses: "
                                          + "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])})
-        job.batches = [[e for e in batch if e.id not in refused] for batch in job.batches]
-        job.eval_sets = {k: [e for e in s if e.id not in refused] for k, s in job.eval_sets.items()}
+        job.leave_out(set(refused))
 
 
 def collate(tokenizer: Any, examples: list[TrainExample], max_len: int, device: torch.device) -> dict[str, torch.Tensor]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    """`examples` as one right-padded batch: input_ids, labels (-100 on prompt and padding) and attention_mask,
+    each int64 of shape (len(examples), longest example in tokens, at most `max_len`), on `device`."""
     pairs = [encode_example(tokenizer, e.kind, e.prompt, e.answer, max_len) for e in examples]
+    return collate_encoded(pairs, _pad_id(tokenizer), device)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def collate_encoded(pairs: list[tuple[list[int], list[int]]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Already encoded (input ids, labels) pairs as one right-padded batch (see `collate`)."""
     width = max(len(ids) for ids, _ in pairs)
     input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
     labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
@@ -111,36 +116,49 @@ def collate(tokenizer: Any, examples: list[TrainExample], max_len: int, device: 
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def step_inputs(tokenizer: Any, job: TrainJob, device: torch.device) -> list[tuple[dict[str, torch.Tensor], int]]:
-    """The model inputs of every optimizer step and their token counts. Unpacked: one padded batch per job batch.
-    Packed: each job batch packed into rows of `max_seq_len`; with `step_tokens`, consecutive batches merged until a
-    step holds about that many tokens (fewer, fuller steps: the GPU waits less on the host per token)."""
-    if not job.pack:
-        out = []
-        for examples in job.batches:
-            if not examples:  # every example of this step was left out (drop_unrenderable)
+class StepInputs:
+    """The model inputs of every optimizer step, built when a step is reached (`for batch, tokens in steps`).
+
+    Unpacked: one padded batch per job batch. Packed: each job batch packed into rows of `max_seq_len`; with
+    `step_tokens`, consecutive batches merged until a step holds about that many tokens (fewer, fuller steps: the
+    GPU waits less on the host per token). Each distinct example is tokenized once, and only one step's tensors
+    exist at a time: a long update repeats a few examples over thousands of steps, and building every step up
+    front cost minutes before the first one ran.
+    """
+
+    def __init__(self, tokenizer: Any, job: TrainJob, device: torch.device):
+        self.pad, self.device, self.job = _pad_id(tokenizer), device, job
+        encoded = {i: encode_example(tokenizer, e.kind, e.prompt, e.answer, job.max_seq_len)
+                   for i, e in job.examples.items()}
+        self.groups: list[list[tuple[list[int], list[int]]]] = []
+        tokens = 0
+        for ids in (b for b in job.batches if b):  # a batch drop_unrenderable emptied has no step
+            pairs = [encoded[i] for i in ids]
+            n = sum(len(p) for p, _ in pairs)
+            if job.pack and self.groups and job.step_tokens > 0 and tokens + n <= job.step_tokens:
+                self.groups[-1].extend(pairs)
+                tokens += n
+            else:
+                self.groups.append(pairs)
+                tokens = n
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        for pairs in self.groups:
+            if not self.job.pack:
+                batch = collate_encoded(pairs, self.pad, self.device)
+                yield batch, int(batch["attention_mask"].sum())
                 continue
-            batch = collate(tokenizer, examples, job.max_seq_len, device)
-            out.append((batch, int(batch["attention_mask"].sum())))
-        return out
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    groups: list[list] = []
-    tokens = 0
-    for examples in (b for b in job.batches if b):  # a batch drop_unrenderable emptied has no step
-        encoded = [encode_example(tokenizer, e.kind, e.prompt, e.answer, job.max_seq_len) for e in examples]
-        n = sum(len(ids) for ids, _ in encoded)
-        if groups and job.step_tokens > 0 and tokens + n <= job.step_tokens:
-            groups[-1].extend(encoded)
-            tokens += n
-        else:
-            groups.append(encoded)
-            tokens = n
-    out = []
-    for encoded in groups:
-        packed = pack(encoded, job.max_seq_len, pad)
-        out.append(({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in packed.model_inputs().items()},
-                    packed.tokens))
-    return out
+            packed = pack(pairs, self.job.max_seq_len, self.pad)
+            yield ({k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in packed.model_inputs().items()},
+                   packed.tokens)
+
+
+def step_inputs(tokenizer: Any, job: TrainJob, device: torch.device) -> StepInputs:
+    """The model inputs of every optimizer step and their token counts (`StepInputs`)."""
+    return StepInputs(tokenizer, job, device)
 
 
 def detach_lora(model: Any, job: TrainJob) -> Any:
@@ -183,8 +201,8 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
                                          f"quantize={job.quantize}"})
         steps_in = step_inputs(tokenizer, job, device)
         phase("attach")
-        scores = {name: EvalScores(parent=None, candidate=None, examples=len(ex), ids=[e.id for e in ex])
-                  for name, ex in job.eval_sets.items()}
+        scores = {name: EvalScores(parent=None, candidate=None, examples=len(ids), ids=list(ids))
+                  for name, ids in job.eval_sets.items()}
         score_eval_sets(model, tokenizer, job, scores, "parent", collate)
         phase("eval_before")
 

@@ -83,7 +83,7 @@ def score_eval_sets(model: Any, tokenizer: Any, job: TrainJob, scores: dict[str,
                     collate: Collate) -> None:
     """Fill `scores[name]`'s `which` ("parent" or "candidate") fields for every eval set of `job`, in place."""
     device = torch.device(job.device)
-    for name, examples in job.eval_sets.items():
+    for name, examples in job.eval_examples().items():
         if not examples:
             continue
         kl = name in job.kl_sets and hasattr(model, "disable_adapter")
