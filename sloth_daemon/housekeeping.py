@@ -6,11 +6,17 @@ Contract: `prune(runs_dir, registry, keep_last)` keeps
 - every promoted adapter version, the one being served, every candidate (one may be mid-swap), and the rejected
   versions among the `keep_last` newest versions; older rejected versions are deleted.
 Update rows in the replay store (metrics, verdicts, reasons) are never deleted, so history stays complete. Deleting
-never raises: a failure is logged and the next prune tries again. It runs after each update and at start.
+never raises: a failure is logged and the next prune tries again. It runs after each update and at start (never
+while an update trains).
+
+The job files kept lose the examples' text (`strip_job_texts`): the trainer needs it while it runs, the record
+afterwards needs only the ids, and a text that was forgotten on request (`sloth-daemon forget`) must not live on in
+an old run folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -43,7 +49,27 @@ def prune(runs_dir: Path, registry: AdapterRegistry, keep_last: int) -> dict[str
                 removed["runs"].append(path.name)
     except OSError as e:
         log.warning("retention: could not delete old state (%s); will try again after the next update", e)
+    strip_job_texts(runs_dir)
     if removed["runs"] or removed["adapters"]:
         log.info("retention (keep_last=%d): deleted %d run folder(s) and rejected adapter(s) %s", keep_last,
                  len(removed["runs"]), ", ".join(removed["adapters"]) or "none")
     return removed
+
+
+def strip_job_texts(runs_dir: Path) -> list[str]:
+    """Rewrite each finished run's `job.json` without its `examples` (the batches and eval sets keep their ids);
+    returns the run folders changed. Call only while no update trains (its trainer may still read its job)."""
+    changed = []
+    for job_file in sorted(runs_dir.glob("update-*/job.json")):
+        try:
+            job = json.loads(job_file.read_text())
+            if not isinstance(job, dict) or not job.get("examples"):
+                continue
+            job["examples"] = {}
+            tmp = job_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(job))
+            tmp.replace(job_file)
+            changed.append(job_file.parent.name)
+        except (OSError, ValueError) as e:
+            log.warning("retention: could not strip the example texts from %s (%s)", job_file, e)
+    return changed

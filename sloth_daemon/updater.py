@@ -55,8 +55,15 @@ class NothingToTrain(RuntimeError):
     pass
 
 
-def _train_examples(examples: list[Any]) -> list[TrainExample]:
-    return [TrainExample(id=e.id, kind=e.kind, prompt=e.prompt, answer=e.answer) for e in examples]
+def _train_examples(examples: list[Any], made: dict[str, TrainExample] | None = None) -> list[TrainExample]:
+    """`examples` as the trainer's `TrainExample`s; `made` reuses those already made (batches repeat examples)."""
+    made = {} if made is None else made
+    out = []
+    for e in examples:
+        if e.id not in made:
+            made[e.id] = TrainExample(id=e.id, kind=e.kind, prompt=e.prompt, answer=e.answer)
+        out.append(made[e.id])
+    return out
 
 
 class Updater:
@@ -208,13 +215,14 @@ class Updater:
         device = self._device()
         current = None if plan.rebuild else self.registry.current()
         chat_format = getattr(self.engine, "chat_format", None)
+        made: dict[str, TrainExample] = {}
         job = TrainJob(
             base_model=str(self.base_model),
             chat_template=chat_format.template if chat_format else None,
             parent_adapter=str(self.registry.path(current)) if current else None,
             output_dir=str(staging),
-            batches=[_train_examples(b) for b in batches],
-            eval_sets={name: _train_examples(ex) for name, ex in plan.eval_sets.items()},
+            batches=[_train_examples(b, made) for b in batches],
+            eval_sets={name: _train_examples(ex, made) for name, ex in plan.eval_sets.items()},
             kl_sets=["anchor"],
             lora=LoraSpec(r=tc.lora_r, alpha=tc.lora_alpha, dropout=tc.lora_dropout, target_modules=tc.target_modules),
             learning_rate=tc.learning_rate,

@@ -46,6 +46,23 @@ def test_retention_keeps_the_last_n_and_everything_promoted(tmp_path):
     assert _version(registry, 9, "candidate") == "v000007"
 
 
+def test_kept_job_files_lose_the_example_texts(tmp_path):
+    """After a run the job file keeps ids, not text: a text forgotten on request must not live on in runs/."""
+    from sloth_daemon.trainer.job import TrainExample, TrainJob
+
+    ex = TrainExample(id="ex_1", kind="chat", prompt=[{"role": "user", "content": "My PIN?"}], answer="4711.")
+    run = tmp_path / "runs" / "update-000001"
+    run.mkdir(parents=True)
+    (run / "job.json").write_text(TrainJob(base_model="m", output_dir="o", batches=[[ex]] * 3,
+                                           eval_sets={"new": [ex]}).model_dump_json())
+    registry = AdapterRegistry(tmp_path / "adapters")
+    _version(registry, 1, "promoted")
+    prune(tmp_path / "runs", registry, keep_last=5)
+    text = (run / "job.json").read_text()
+    assert "4711" not in text and "My PIN" not in text
+    assert json.loads(text)["batches"] == [["ex_1"]] * 3 and json.loads(text)["eval_sets"] == {"new": ["ex_1"]}
+
+
 def test_training_progress_for_status():
     p = training_progress({"step": 5, "steps": 20, "loss": 1.5, "tokens": 1000, "seconds": 2.0}, [[4, 1.7]])
     assert p == {"step": 5, "steps": 20, "loss": 1.5, "tokens_per_s": 500.0, "eta_s": 6.0,
