@@ -1,28 +1,29 @@
 """Embedded engine: in-process generation with transformers + peft, for machines without vLLM.
 
 Contract: see `sloth_daemon.engine.base`. How it keeps it:
-- One worker thread owns the model. Generation requests and adapter loads/unloads are jobs on one queue, so the
-  model is never mutated while it generates and requests never interleave (they are served in arrival order).
-- Each request pins the adapter version current when `generate` is called; the worker activates that version
-  (peft `set_adapter`, or `disable_adapter()` for the base model) before decoding it. Loaded adapters are counted
-  by the requests pinned to them; the old one is unloaded only when its count drops to zero.
+- One worker thread owns the model. Requests and adapter loads/unloads/probes are jobs on one queue; the worker
+  runs the other jobs between two decoding steps, so the model is never mutated inside a forward.
+- Concurrent requests are batched (continuous batching, `batching.BatchDecoder`): a request that arrives while
+  others decode is prefilled and joins the running batch at the next step; one forward per step decodes a token
+  for every request. A request's text is its own (rows never mix) and equals what it gets when served alone, up to
+  floating-point ties.
+- Each request pins the adapter version current when `generate` is called; each batch row carries its version to
+  peft's per-row `adapter_names`, so a swap never changes an in-flight request's adapter. Loaded adapters are
+  counted by the requests pinned to them; the old one is unloaded only when its count drops to zero.
 - Tokens stream from the worker to the caller's event loop through an asyncio queue; a caller that stops
-  listening cancels its job at the next token.
-- Decoding is our own loop over the model's forward (it pins the adapter per request and cancels per token, which
-  transformers' `generate()` cannot); everything that picks the next token is transformers' own logits processors,
-  built once per choice in `sampling.ChoiceSampler` (the one place a request's decoding state lives). The `n`
-  choices of a request are decoded one after another and share its seeded generator.
+  listening cancels its request, which leaves the batch at the next step without disturbing the others.
+- Everything that picks the next token is transformers' own logits processors, built once per choice in
+  `sampling.ChoiceSampler`; a choice's text, stop strings and logprobs are `choice.ChoiceStream`'s. The `n` choices
+  of a request decode side by side as rows of the batch and share its seeded generator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -40,13 +41,10 @@ from .base import (
     InvalidParam,
     ProbeResult,
     RequestTooLong,
-    TextDelta,
-    TokenLogprob,
 )
+from .batching import BatchDecoder, BatchRequest
 from .guides import GuideCompiler
-from .logprobs import TokenTexts, token_logprob
-from .sampling import ChoiceSampler
-from .stop_strings import StopStrings
+from .logprobs import TokenTexts
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +60,12 @@ class _Job:
     error: BaseException | None = None
 
 
-@dataclass
-class _GenJob:
-    request: GenerationRequest
-    prompt_ids: list[int]
-    adapter: str | None
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    cancelled: threading.Event = field(default_factory=threading.Event)
+def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Any], None]:
+    """Hands events from the worker thread to a caller's event loop; a closed loop (its caller is gone) drops them."""
+    def emit(ev: Any) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+    return emit
 
 
 def pick_device(setting: str) -> torch.device:
@@ -82,7 +78,7 @@ class EmbeddedEngine:
     name = "embedded"
 
     def __init__(self, model_path: str | Path, *, model_name: str, device: str = "auto",
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, max_batch_rows: int = 32):
         self.model_path = Path(model_path)
         self.model_name = model_name
         self.chat_template = chat_template  # the config's Jinja file, if any (`sloth_daemon.chat_template`)
@@ -100,6 +96,7 @@ class EmbeddedEngine:
         self.vocab_size = 0
         self._guide_compiler: GuideCompiler | None = None  # structured generation, built at first use
         self._guide_lock = threading.Lock()
+        self.max_batch_rows = max_batch_rows  # choices decoded in one batch; more wait for a free row
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,9 +115,6 @@ class EmbeddedEngine:
             if eos is None:
                 eos = self._tokenizer.eos_token_id
             self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-            # transformers renamed `past_key_values` to `cache` in 5.2x; speak whichever this version takes.
-            params = inspect.signature(self._model.forward).parameters
-            self._cache_arg = "cache" if "cache" in params else "past_key_values"
             if self.device.type == "cpu" and sum(p.numel() for p in self._model.parameters()) < SMALL_MODEL_PARAMS:
                 # Token-by-token decoding of a small model is dominated by thread hand-offs: one thread is faster.
                 torch.set_num_threads(1)
@@ -156,18 +150,41 @@ class EmbeddedEngine:
 
     # -- the worker -------------------------------------------------------------------------------------------------
     def _worker(self) -> None:
+        """Between two batched decoding steps: run queued jobs, admit new requests; block only when idle."""
+        decoder = BatchDecoder(lambda: self._model, self._tokenizer, self._token_texts, self._eos_ids, self.device,
+                               max_rows=self.max_batch_rows)
+        stopping = False
         while True:
-            job = self._jobs.get()
-            if job is None:
+            jobs = []
+            if not decoder.busy and not stopping:
+                jobs.append(self._jobs.get())
+            while True:
+                try:
+                    jobs.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            fresh = []
+            for job in jobs:
+                if job is None:
+                    stopping = True  # requests already queued or decoding still finish
+                elif isinstance(job, BatchRequest):
+                    fresh.append(job)
+                else:
+                    self._run_job(job)
+            if fresh or decoder.waiting:
+                decoder.admit(fresh)
+            if decoder.running:
+                decoder.step()
+            elif stopping and not decoder.busy:
                 return
-            if isinstance(job, _GenJob):
-                self._run_generation(job)
-                continue
-            try:
-                job.result = job.fn()
-            except BaseException as e:  # reported to the waiting caller
-                job.error = e
-            job.done.set()
+
+    @staticmethod
+    def _run_job(job: _Job) -> None:
+        try:
+            job.result = job.fn()
+        except BaseException as e:  # reported to the waiting caller
+            job.error = e
+        job.done.set()
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the worker thread, after the jobs already queued."""
@@ -192,70 +209,6 @@ class EmbeddedEngine:
             raise EngineError(f"adapter {adapter} is not loaded")
         yield
 
-    def _run_generation(self, job: _GenJob) -> None:
-        emit = lambda ev: job.loop.call_soon_threadsafe(job.events.put_nowait, ev)  # noqa: E731
-        try:
-            with torch.inference_mode(), self._adapter_context(job.adapter):
-                self._decode(job, emit)
-        except BaseException as e:
-            log.exception("generation failed")
-            emit(EngineError(f"generation failed: {e}"))
-
-    def _decode(self, job: _GenJob, emit: Callable[[Any], None]) -> None:
-        p = job.request.params
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % (2**63)))
-        for index in range(p.n):  # the choices one after another, sharing the seeded generator
-            guide = self._guides.processor(p.guide) if p.guide is not None else None
-            sampler = ChoiceSampler(p, len(job.prompt_ids), gen, guide)
-            if not self._decode_choice(job, index, sampler, emit):
-                return
-
-    def _decode_choice(self, job: _GenJob, index: int, sampler: ChoiceSampler, emit: Callable[[Any], None]) -> bool:
-        """Generate choice `index`; False when the request was cancelled (no more choices then)."""
-        p = job.request.params
-        ids = torch.tensor([job.prompt_ids], device=self.device)
-        seq = list(job.prompt_ids)
-        past = None
-        out_ids: list[int] = []
-        stops = StopStrings(p.stop)  # holds back what may still become a stop string or is half a character
-        finish, cut = "length", False
-        text = ""
-        lps = _LogprobTrack(self._token_texts) if p.logprobs else None
-        for _ in range(p.max_tokens):
-            if job.cancelled.is_set():
-                finish = "cancelled"
-                break
-            out = self._model(input_ids=ids, use_cache=True, **{self._cache_arg: past})
-            past = getattr(out, self._cache_arg)
-            tok, logprob, top = sampler.choose(torch.tensor([seq], device=self.device), out.logits[:, -1].float())
-            if tok in self._eos_ids:
-                finish = "stop"
-                break
-            out_ids.append(tok)
-            seq.append(tok)
-            ids = torch.tensor([[tok]], device=self.device)
-            text = self._tokenizer.decode(out_ids, skip_special_tokens=True)
-            if lps is not None:
-                lps.add(tok, logprob, top, text)
-            delta, stopped = stops.feed(text)
-            if stopped:
-                finish, cut = "stop", True
-                got = lps.take_rest(len(stops.sent)) if lps else ()
-                if delta or got:
-                    emit(TextDelta(delta, index, got))
-                break
-            if delta:
-                emit(TextDelta(delta, index, lps.take(len(stops.sent)) if lps else ()))
-        if finish != "cancelled" and not cut:  # the end of sequence or the length limit: release what was held
-            rest = stops.flush(text)
-            got = lps.take_rest(len(stops.sent)) if lps else ()
-            if rest or got:
-                emit(TextDelta(rest, index, got))
-        emit(Finished(stops.sent, finish, len(job.prompt_ids), len(out_ids), job.adapter, index,
-                      tuple(lps.done) if lps else None))
-        return finish != "cancelled"
-
     # -- requests -------------------------------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> int:
         bad = [tok for tok, _ in request.params.logit_bias if not 0 <= tok < self.vocab_size]
@@ -277,12 +230,15 @@ class EmbeddedEngine:
         self.validate(request)
         adapter = self._current  # pinned now: a swap after this point does not change this request
         self._pins[adapter] = self._pins.get(adapter, 0) + 1
-        job = _GenJob(request, prompt_ids, adapter, asyncio.get_running_loop(), asyncio.Queue())
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        guide = request.params.guide
+        job = BatchRequest(prompt_ids, adapter, request.params, _emitter(loop, events), threading.Event(),
+                           (lambda: self._guides.processor(guide)) if guide is not None else None)
         try:
             self._jobs.put(job)
             left = request.params.n
             while True:
-                ev = await job.events.get()
+                ev = await events.get()
                 if isinstance(ev, BaseException):
                     raise ev
                 yield ev
@@ -360,43 +316,3 @@ class EmbeddedEngine:
         """Run `fn(model, tokenizer)` on the worker thread (used for anchor generation at first start)."""
         return await self._call(lambda: fn(self._model, self._tokenizer))
 
-
-class _LogprobTrack:
-    """Attaches each generated token's logprob to the delta that completes its text.
-
-    A byte-level token may end inside a UTF-8 character (the decoded text then ends in U+FFFD); its text end is
-    known once the character is whole, so ends are assigned when the decoded text is stable.
-    """
-
-    def __init__(self, texts: TokenTexts):
-        self.texts = texts
-        self.pending: list[tuple[int, float, list, int | None]] = []  # (id, logprob, top, end)
-        self.done: list[TokenLogprob] = []
-        self.offset = 0
-
-    def add(self, token: int, logprob: float | None, top: list, text: str) -> None:
-        self.pending.append((token, float(logprob or 0.0), top, None))
-        if not text.endswith("\ufffd"):
-            self.pending = [(t, lp, tp, len(text) if end is None else end) for t, lp, tp, end in self.pending]
-
-    def take(self, upto: int) -> tuple[TokenLogprob, ...]:
-        """The tokens whose text ends at or before character `upto`."""
-        out = []
-        while self.pending and self.pending[0][3] is not None and self.pending[0][3] <= upto:
-            out.append(self._emit(self.pending.pop(0)))
-        return tuple(out)
-
-    def take_rest(self, length: int) -> tuple[TokenLogprob, ...]:
-        """At the end of a choice: every remaining token that starts inside its `length` characters of text."""
-        out = []
-        while self.pending and self.offset < length:
-            out.append(self._emit(self.pending.pop(0)))
-        self.pending.clear()
-        return tuple(out)
-
-    def _emit(self, item: tuple[int, float, list, int | None]) -> TokenLogprob:
-        token, logprob, top, end = item
-        lp = token_logprob(self.texts, token, logprob, top, self.offset)
-        self.offset = end if end is not None else self.offset
-        self.done.append(lp)
-        return lp

@@ -73,6 +73,12 @@ class ChoiceSampler:
                 processors.append(TopPLogitsWarper(float(params.top_p)))
         self.processors = processors
 
+    @property
+    def plain_greedy(self) -> bool:
+        """True when the choice is the argmax of the raw logits (greedy, no processor, no logprobs): a batch picks
+        those rows' tokens with one batched argmax instead of calling `choose`."""
+        return self.params.greedy and not self.processors and not self.params.logprobs
+
     def choose(self, input_ids: torch.LongTensor, logits: torch.FloatTensor
                ) -> tuple[int, float | None, list[tuple[int, float]]]:
         scores = self.processors(input_ids, logits) if self.processors else logits

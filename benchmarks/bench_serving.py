@@ -1,0 +1,172 @@
+"""Embedded-engine serving under concurrency: time to first token and throughput, 1 client vs C concurrent ones,
+for the engine before continuous batching and the current one, in the same run.
+
+    python -m benchmarks.bench_serving [--before REF] [--clients 1,8] [--requests 6] [--max-tokens 32]
+                                       [--model DIR] [--out benchmarks/results/serving_cpu.json]
+
+Each configuration runs in its own Python process with `sloth_daemon` imported from a different tree: `before` from
+`git archive REF` (default: the last commit whose embedded engine served one request at a time), `after` from this
+checkout. Both load the same model (`--model`, else sloth-tiny built once into `--work`) as an `EmbeddedEngine` on
+`--device` and drive it in-process (no HTTP: the engine is what is measured). Per client count C: C clients start
+together and each sends `--requests` streaming greedy chat requests back to back (`--max-tokens` tokens each,
+prompts of different lengths); recorded per request: time to first token (TTFT: from the call to the first
+`TextDelta`), total latency and completion tokens. Reported: TTFT p50/p90/max, the first wave's TTFT (every client's
+first request, all arriving at once), latency p50, and tokens/s over the whole run (serial = 1 client). The TTFT
+ratio is C clients' p50 over 1 client's p50, each configuration against itself.
+A table, and JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE_REF = "56fb062"  # main before continuous batching (issue 17, item 4)
+PROMPTS = ["Hello", "What is sloth-daemon?", "How do I teach you something?",
+           "Tell me about sloths, their habits, where they live and what they eat, in a few words.",
+           "What is 2 + 2?", "Who are you?", "Where do I live?",
+           "Please write a short poem about a very slow animal that hangs from the trees all day long."]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+# -- one configuration, in its own process ----------------------------------------------------------------------
+async def _client(engine, k: int, requests: int, max_tokens: int, start_at: float) -> list[dict]:
+    from sloth_daemon.engine.base import Finished, GenerationRequest, SamplingParams, TextDelta
+
+    out = []
+    for i in range(requests):
+        prompt = PROMPTS[(k * 3 + i) % len(PROMPTS)]
+        req = GenerationRequest("chat", [{"role": "user", "content": prompt}],
+                                SamplingParams(max_tokens=max_tokens, temperature=0))
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        async for ev in engine.generate(req):
+            if isinstance(ev, TextDelta) and first is None:
+                first = time.perf_counter()
+            elif isinstance(ev, Finished):
+                tokens = ev.completion_tokens
+        end = time.perf_counter()
+        out.append({"client": k, "i": i, "start": t0 - start_at, "ttft_s": (first or end) - t0,
+                    "latency_s": end - t0, "tokens": tokens})
+    return out
+
+
+async def _measure(model: str, device: str, clients: list[int], requests: int, max_tokens: int) -> dict:
+    import sloth_daemon
+    from sloth_daemon.engine.embedded import EmbeddedEngine
+
+    engine = EmbeddedEngine(model, model_name="bench", device=device)
+    await engine.start()
+    try:
+        await _client(engine, 0, 2, max_tokens, time.perf_counter())  # warm-up
+        rows = []
+        for c in clients:
+            t0 = time.perf_counter()
+            runs = await asyncio.gather(*(_client(engine, k, requests, max_tokens, t0) for k in range(c)))
+            wall = time.perf_counter() - t0
+            rs = [r for run in runs for r in run]
+            ttft = [r["ttft_s"] for r in rs]
+            rows.append({"clients": c, "requests": len(rs), "wall_s": wall,
+                         "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": pct(ttft, 90), "ttft_max_s": max(ttft),
+                         "first_wave_ttft_max_s": max(r["ttft_s"] for r in rs if r["i"] == 0),
+                         "latency_p50_s": statistics.median(r["latency_s"] for r in rs),
+                         "tokens": sum(r["tokens"] for r in rs), "tokens_per_s": sum(r["tokens"] for r in rs) / wall})
+    finally:
+        await engine.stop()
+    return {"sloth_daemon": str(Path(sloth_daemon.__file__).parent), "rows": rows}
+
+
+# -- the driver ---------------------------------------------------------------------------------------------------
+def checkout(ref: str, dest: Path) -> Path:
+    """`sloth_daemon/` of git `ref`, extracted under `dest` (returned: the folder to put on PYTHONPATH)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / "src.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), ref, "sloth_daemon"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def run_config(name: str, tree: Path, args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, __file__, "--measure", "--model", str(args.model), "--device", args.device,
+           "--clients", args.clients, "--requests", str(args.requests), "--max-tokens", str(args.max_tokens)]
+    proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if Path(result["sloth_daemon"]).resolve() != (tree / "sloth_daemon").resolve():
+        raise RuntimeError(f"{name} imported {result['sloth_daemon']}, not {tree / 'sloth_daemon'}")
+    return result
+
+
+def table(results: dict[str, dict]) -> str:
+    head = ("config", "clients", "TTFT p50", "p90", "max", "first wave max", "TTFT vs 1 client", "latency p50",
+            "tokens/s", "tokens/s vs serial")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for name, res in results.items():
+        one = res["rows"][0]
+        for r in res["rows"]:
+            lines.append(" | ".join([
+                name, str(r["clients"]), f"{r['ttft_p50_s'] * 1e3:.1f} ms", f"{r['ttft_p90_s'] * 1e3:.1f} ms",
+                f"{r['ttft_max_s'] * 1e3:.1f} ms", f"{r['first_wave_ttft_max_s'] * 1e3:.1f} ms",
+                f"{r['ttft_p50_s'] / one['ttft_p50_s']:.2f}x", f"{r['latency_p50_s'] * 1e3:.0f} ms",
+                f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", default=BEFORE_REF, help="git ref of the baseline engine (default %(default)s)")
+    p.add_argument("--configs", default="before,after")
+    p.add_argument("--clients", default="1,8", help="client counts; the first is the baseline of the ratios")
+    p.add_argument("--requests", type=int, default=6, help="requests per client")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=None, help="model folder (default: sloth-tiny, built into --work)")
+    p.add_argument("--work", default=None, help="working folder (default: a temp dir)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one configuration, in this process
+    args = p.parse_args(argv)
+    clients = [int(x) for x in args.clients.split(",")]
+    if args.measure:
+        print(json.dumps(asyncio.run(_measure(args.model, args.device, clients, args.requests, args.max_tokens))))
+        return 0
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-serving-"))
+    if args.model is None:
+        sys.path.insert(0, str(ROOT))
+        from sloth_daemon.default_model import ensure_default_model
+
+        args.model = ensure_default_model(work / "models")
+    trees = {"before": lambda: checkout(args.before, work / "before"), "after": lambda: ROOT}
+    results = {}
+    for name in args.configs.split(","):
+        results[name] = run_config(name, trees[name](), args)
+        print(f"{name}: done", flush=True)
+    print("\n" + table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "argv": sys.argv[1:], "before_ref": args.before, "model": str(args.model), "device": args.device,
+            "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "results": results}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
