@@ -96,6 +96,7 @@ class EmbeddedEngine:
         self.vocab_size = 0
         self._guide_compiler: GuideCompiler | None = None  # structured generation, built at first use
         self._guide_lock = threading.Lock()
+        self._decoder: BatchDecoder | None = None  # the worker thread's
         self.max_batch_rows = max_batch_rows  # choices decoded in one batch; more wait for a free row
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
@@ -137,6 +138,11 @@ class EmbeddedEngine:
         return {k: v for k, v in self._pins.items() if v}
 
     @property
+    def batch_rows(self) -> int:
+        """Choices being decoded in the running batch now (0 when idle)."""
+        return self._decoder.running if self._decoder is not None else 0
+
+    @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
@@ -151,8 +157,8 @@ class EmbeddedEngine:
     # -- the worker -------------------------------------------------------------------------------------------------
     def _worker(self) -> None:
         """Between two batched decoding steps: run queued jobs, admit new requests; block only when idle."""
-        decoder = BatchDecoder(lambda: self._model, self._tokenizer, self._token_texts, self._eos_ids, self.device,
-                               max_rows=self.max_batch_rows)
+        decoder = self._decoder = BatchDecoder(lambda: self._model, self._tokenizer, self._token_texts,
+                                               self._eos_ids, self.device, max_rows=self.max_batch_rows)
         stopping = False
         while True:
             jobs = []
