@@ -1,18 +1,20 @@
 """Embedded-engine serving under concurrency: time to first token and throughput, 1 client vs C concurrent ones,
 for the engine before continuous batching and the current one, in the same run.
 
-    python -m benchmarks.bench_serving [--before REF] [--clients 1,8] [--requests 6] [--max-tokens 32]
-                                       [--model DIR] [--out benchmarks/results/serving_cpu.json]
+    python benchmarks/bench_serving.py [--before REF] [--clients 1,8] [--requests 6] [--max-tokens 32]
+                                       [--via engine,http] [--model DIR] [--out benchmarks/results/serving_cpu.json]
 
 Each configuration runs in its own Python process with `sloth_daemon` imported from a different tree: `before` from
 `git archive REF` (default: the last commit whose embedded engine served one request at a time), `after` from this
-checkout. Both load the same model (`--model`, else sloth-tiny built once into `--work`) as an `EmbeddedEngine` on
-`--device` and drive it in-process (no HTTP: the engine is what is measured). Per client count C: C clients start
-together and each sends `--requests` streaming greedy chat requests back to back (`--max-tokens` tokens each,
-prompts of different lengths); recorded per request: time to first token (TTFT: from the call to the first
-`TextDelta`), total latency and completion tokens. Reported: TTFT p50/p90/max, the first wave's TTFT (every client's
-first request, all arriving at once), latency p50, and tokens/s over the whole run (serial = 1 client). The TTFT
-ratio is C clients' p50 over 1 client's p50, each configuration against itself.
+checkout (the rest of the environment, e.g. `sloth_replay`, is this checkout's for both). Both load the same model
+(`--model`, else sloth-tiny built once into `--work`) on `--device`, two ways (`--via`): `engine` drives an
+`EmbeddedEngine` in-process (the engine alone), `http` starts the real daemon (`sloth-daemon serve`, no schedule,
+no anchors, no ZeroMQ) and streams chat completions over HTTP as clients do (`store: false`).
+Per client count C: C clients start together and each sends `--requests` streaming greedy chat requests back to
+back (`--max-tokens` tokens each, prompts of different lengths); recorded per request: time to first token (TTFT:
+from the call to the first text), total latency and completion tokens. Reported: TTFT p50/p90/max, the first
+wave's worst TTFT (every client's first request, all arriving at once), latency p50, and tokens/s over the whole
+run (1 client = serial). Ratios are against the same configuration's 1-client row.
 A table, and JSON (`--out`).
 """
 
@@ -44,7 +46,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 # -- one configuration, in its own process ----------------------------------------------------------------------
-async def _client(engine, k: int, requests: int, max_tokens: int, start_at: float) -> list[dict]:
+async def _client(engine, k: int, requests: int, max_tokens: int) -> list[dict]:
     from sloth_daemon.engine.base import Finished, GenerationRequest, SamplingParams, TextDelta
 
     out = []
@@ -60,34 +62,112 @@ async def _client(engine, k: int, requests: int, max_tokens: int, start_at: floa
             elif isinstance(ev, Finished):
                 tokens = ev.completion_tokens
         end = time.perf_counter()
-        out.append({"client": k, "i": i, "start": t0 - start_at, "ttft_s": (first or end) - t0,
+        out.append({"client": k, "i": i, "ttft_s": (first or end) - t0,
                     "latency_s": end - t0, "tokens": tokens})
     return out
 
 
-async def _measure(model: str, device: str, clients: list[int], requests: int, max_tokens: int) -> dict:
-    import sloth_daemon
+def _summary(c: int, rs: list[dict], wall: float) -> dict:
+    ttft = [r["ttft_s"] for r in rs]
+    return {"clients": c, "requests": len(rs), "wall_s": wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": pct(ttft, 90), "ttft_max_s": max(ttft),
+            "first_wave_ttft_max_s": max(r["ttft_s"] for r in rs if r["i"] == 0),
+            "latency_p50_s": statistics.median(r["latency_s"] for r in rs),
+            "tokens": sum(r["tokens"] for r in rs), "tokens_per_s": sum(r["tokens"] for r in rs) / wall}
+
+
+async def _measure_engine(model: str, device: str, clients: list[int], requests: int, max_tokens: int) -> list:
     from sloth_daemon.engine.embedded import EmbeddedEngine
 
     engine = EmbeddedEngine(model, model_name="bench", device=device)
     await engine.start()
     try:
-        await _client(engine, 0, 2, max_tokens, time.perf_counter())  # warm-up
+        await _client(engine, 0, 2, max_tokens)  # warm-up
         rows = []
         for c in clients:
             t0 = time.perf_counter()
-            runs = await asyncio.gather(*(_client(engine, k, requests, max_tokens, t0) for k in range(c)))
-            wall = time.perf_counter() - t0
-            rs = [r for run in runs for r in run]
-            ttft = [r["ttft_s"] for r in rs]
-            rows.append({"clients": c, "requests": len(rs), "wall_s": wall,
-                         "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": pct(ttft, 90), "ttft_max_s": max(ttft),
-                         "first_wave_ttft_max_s": max(r["ttft_s"] for r in rs if r["i"] == 0),
-                         "latency_p50_s": statistics.median(r["latency_s"] for r in rs),
-                         "tokens": sum(r["tokens"] for r in rs), "tokens_per_s": sum(r["tokens"] for r in rs) / wall})
+            runs = await asyncio.gather(*(_client(engine, k, requests, max_tokens) for k in range(c)))
+            rows.append(_summary(c, [r for run in runs for r in run], time.perf_counter() - t0))
     finally:
         await engine.stop()
-    return {"sloth_daemon": str(Path(sloth_daemon.__file__).parent), "rows": rows}
+    return rows
+
+
+async def _http_client(http, model: str, k: int, requests: int, max_tokens: int) -> list[dict]:
+    out = []
+    for i in range(requests):
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[(k * 3 + i) % len(PROMPTS)]}],
+                "max_tokens": max_tokens, "temperature": 0, "stream": True, "store": False,
+                "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                    first = time.perf_counter()
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        end = time.perf_counter()
+        out.append({"client": k, "i": i, "ttft_s": (first or end) - t0, "latency_s": end - t0, "tokens": tokens})
+    return out
+
+
+async def _measure_http(model: str, device: str, clients: list[int], requests: int, max_tokens: int,
+                        state: Path) -> list:
+    """The same through the real daemon (`sloth-daemon serve`, this process's `sloth_daemon`) over HTTP."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_ANCHORS_ENABLED": "false", "SLOTH_ZMQ": "off",
+           "SLOTH_DEVICE": device}
+    state.mkdir(parents=True, exist_ok=True)
+    log = open(state.parent / f"{state.name}.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "sloth_daemon.cli", "serve", "--port", str(port), "--state-dir",
+                             str(state), "--model", model], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
+            deadline = time.monotonic() + 600
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon did not start; see {log.name}")
+                try:
+                    if (await http.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.3)
+            name = (await http.get("/v1/models")).json()["data"][0]["id"]
+            await _http_client(http, name, 0, 2, max_tokens)  # warm-up
+            rows = []
+            for c in clients:
+                t0 = time.perf_counter()
+                runs = await asyncio.gather(*(_http_client(http, name, k, requests, max_tokens) for k in range(c)))
+                rows.append(_summary(c, [r for run in runs for r in run], time.perf_counter() - t0))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return rows
+
+
+async def _measure(args, clients: list[int]) -> dict:
+    import sloth_daemon
+
+    out = {"sloth_daemon": str(Path(sloth_daemon.__file__).parent)}
+    for via in args.via.split(","):
+        if via == "engine":
+            out["engine"] = await _measure_engine(args.model, args.device, clients, args.requests, args.max_tokens)
+        else:
+            out["http"] = await _measure_http(args.model, args.device, clients, args.requests, args.max_tokens,
+                                              Path(args.state))
+    return out
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------
@@ -104,7 +184,9 @@ def checkout(ref: str, dest: Path) -> Path:
 def run_config(name: str, tree: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, __file__, "--measure", "--model", str(args.model), "--device", args.device,
-           "--clients", args.clients, "--requests", str(args.requests), "--max-tokens", str(args.max_tokens)]
+           "--clients", args.clients, "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+           "--via", args.via, "--state", str(Path(args.work) / f"state-{name}")]
+    # cwd too: `python -m` puts the working directory first on sys.path (the daemon's `sloth_daemon` comes from there)
     proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -114,18 +196,19 @@ def run_config(name: str, tree: Path, args) -> dict:
     return result
 
 
-def table(results: dict[str, dict]) -> str:
-    head = ("config", "clients", "TTFT p50", "p90", "max", "first wave max", "TTFT vs 1 client", "latency p50",
-            "tokens/s", "tokens/s vs serial")
+def table(results: dict[str, dict], via: str) -> str:
+    head = ("config", "via", "clients", "TTFT p50", "p90", "max", "first wave max", "TTFT vs 1 client",
+            "latency p50", "tokens/s", "tokens/s vs serial")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
-    for name, res in results.items():
-        one = res["rows"][0]
-        for r in res["rows"]:
-            lines.append(" | ".join([
-                name, str(r["clients"]), f"{r['ttft_p50_s'] * 1e3:.1f} ms", f"{r['ttft_p90_s'] * 1e3:.1f} ms",
-                f"{r['ttft_max_s'] * 1e3:.1f} ms", f"{r['first_wave_ttft_max_s'] * 1e3:.1f} ms",
-                f"{r['ttft_p50_s'] / one['ttft_p50_s']:.2f}x", f"{r['latency_p50_s'] * 1e3:.0f} ms",
-                f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x"]))
+    for way in via.split(","):
+        for name, res in results.items():
+            one = res[way][0]
+            for r in res[way]:
+                lines.append(" | ".join([
+                    name, way, str(r["clients"]), f"{r['ttft_p50_s'] * 1e3:.1f} ms", f"{r['ttft_p90_s'] * 1e3:.1f} ms",
+                    f"{r['ttft_max_s'] * 1e3:.1f} ms", f"{r['first_wave_ttft_max_s'] * 1e3:.1f} ms",
+                    f"{r['ttft_p50_s'] / one['ttft_p50_s']:.2f}x", f"{r['latency_p50_s'] * 1e3:.0f} ms",
+                    f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x"]))
     return "\n".join(lines)
 
 
@@ -140,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model folder (default: sloth-tiny, built into --work)")
     p.add_argument("--work", default=None, help="working folder (default: a temp dir)")
     p.add_argument("--out", default=None)
+    p.add_argument("--via", default="engine,http", help="engine (in-process) and/or http (the real daemon)")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one configuration, in this process
+    p.add_argument("--state", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     clients = [int(x) for x in args.clients.split(",")]
     if args.measure:
-        print(json.dumps(asyncio.run(_measure(args.model, args.device, clients, args.requests, args.max_tokens))))
+        print(json.dumps(asyncio.run(_measure(args, clients))))
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-serving-"))
+    args.work = str(work)
     if args.model is None:
         sys.path.insert(0, str(ROOT))
         from sloth_daemon.default_model import ensure_default_model
@@ -157,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs.split(","):
         results[name] = run_config(name, trees[name](), args)
         print(f"{name}: done", flush=True)
-    print("\n" + table(results))
+    print("\n" + table(results, args.via))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
