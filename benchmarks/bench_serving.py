@@ -1,7 +1,7 @@
 """Embedded-engine serving under concurrency: time to first token and throughput, 1 client vs C concurrent ones,
 for the engine before continuous batching and the current one, in the same run.
 
-    python benchmarks/bench_serving.py [--before REF] [--clients 1,8] [--requests 6] [--max-tokens 32]
+    python benchmarks/bench_serving.py [--before REF] [--clients 1,8] [--requests 4] [--repeat 3] [--max-tokens 32]
                                        [--via engine,http] [--model DIR] [--out benchmarks/results/serving_cpu.json]
 
 Each configuration runs in its own Python process with `sloth_daemon` imported from a different tree: `before` from
@@ -10,11 +10,12 @@ checkout (the rest of the environment, e.g. `sloth_replay`, is this checkout's f
 (`--model`, else sloth-tiny built once into `--work`) on `--device`, two ways (`--via`): `engine` drives an
 `EmbeddedEngine` in-process (the engine alone), `http` starts the real daemon (`sloth-daemon serve`, no schedule,
 no anchors, no ZeroMQ) and streams chat completions over HTTP as clients do (`store: false`).
-Per client count C: C clients start together and each sends `--requests` streaming greedy chat requests back to
-back (`--max-tokens` tokens each, prompts of different lengths); recorded per request: time to first token (TTFT:
-from the call to the first text), total latency and completion tokens. Reported: TTFT p50/p90/max, the first
-wave's worst TTFT (every client's first request, all arriving at once), latency p50, and tokens/s over the whole
-run (1 client = serial). Ratios are against the same configuration's 1-client row.
+In each of `--repeat` rounds, for each client count C in turn: C clients start together and each sends
+`--requests` streaming greedy chat requests back to back (`--max-tokens` tokens each, prompts of different
+lengths); recorded per request: time to first token (TTFT: from the call to the first text), total latency and
+completion tokens; pooled over the rounds per C. Reported: TTFT p50/p90/max, the first waves' worst TTFT (every
+client's first request of a round, all arriving at once), latency p50, and tokens/s over the whole run (1 client =
+serial). Ratios are against the same configuration's 1-client row.
 A table, and JSON (`--out`).
 """
 
@@ -67,6 +68,20 @@ async def _client(engine, k: int, requests: int, max_tokens: int) -> list[dict]:
     return out
 
 
+async def _rounds(clients: list[int], repeat: int, one_run) -> list[dict]:
+    """`repeat` rounds of every client count in turn (so a machine's load drifting during the run hits each count
+    alike), pooled per count."""
+    pooled: dict[int, list] = {c: [] for c in clients}
+    walls = dict.fromkeys(clients, 0.0)
+    for _ in range(repeat):
+        for c in clients:
+            t0 = time.perf_counter()
+            runs = await asyncio.gather(*(one_run(k) for k in range(c)))
+            walls[c] += time.perf_counter() - t0
+            pooled[c] += [r for run in runs for r in run]
+    return [_summary(c, pooled[c], walls[c]) for c in clients]
+
+
 def _summary(c: int, rs: list[dict], wall: float) -> dict:
     ttft = [r["ttft_s"] for r in rs]
     return {"clients": c, "requests": len(rs), "wall_s": wall,
@@ -76,21 +91,17 @@ def _summary(c: int, rs: list[dict], wall: float) -> dict:
             "tokens": sum(r["tokens"] for r in rs), "tokens_per_s": sum(r["tokens"] for r in rs) / wall}
 
 
-async def _measure_engine(model: str, device: str, clients: list[int], requests: int, max_tokens: int) -> list:
+async def _measure_engine(model: str, device: str, clients: list[int], requests: int, max_tokens: int,
+                          repeat: int) -> list:
     from sloth_daemon.engine.embedded import EmbeddedEngine
 
     engine = EmbeddedEngine(model, model_name="bench", device=device)
     await engine.start()
     try:
         await _client(engine, 0, 2, max_tokens)  # warm-up
-        rows = []
-        for c in clients:
-            t0 = time.perf_counter()
-            runs = await asyncio.gather(*(_client(engine, k, requests, max_tokens) for k in range(c)))
-            rows.append(_summary(c, [r for run in runs for r in run], time.perf_counter() - t0))
+        return await _rounds(clients, repeat, lambda k: _client(engine, k, requests, max_tokens))
     finally:
         await engine.stop()
-    return rows
 
 
 async def _http_client(http, model: str, k: int, requests: int, max_tokens: int) -> list[dict]:
@@ -117,7 +128,7 @@ async def _http_client(http, model: str, k: int, requests: int, max_tokens: int)
 
 
 async def _measure_http(model: str, device: str, clients: list[int], requests: int, max_tokens: int,
-                        state: Path) -> list:
+                        repeat: int, state: Path) -> list:
     """The same through the real daemon (`sloth-daemon serve`, this process's `sloth_daemon`) over HTTP."""
     import socket
 
@@ -146,15 +157,10 @@ async def _measure_http(model: str, device: str, clients: list[int], requests: i
                 await asyncio.sleep(0.3)
             name = (await http.get("/v1/models")).json()["data"][0]["id"]
             await _http_client(http, name, 0, 2, max_tokens)  # warm-up
-            rows = []
-            for c in clients:
-                t0 = time.perf_counter()
-                runs = await asyncio.gather(*(_http_client(http, name, k, requests, max_tokens) for k in range(c)))
-                rows.append(_summary(c, [r for run in runs for r in run], time.perf_counter() - t0))
+            return await _rounds(clients, repeat, lambda k: _http_client(http, name, k, requests, max_tokens))
     finally:
         proc.terminate()
         proc.wait(60)
-    return rows
 
 
 async def _measure(args, clients: list[int]) -> dict:
@@ -163,10 +169,11 @@ async def _measure(args, clients: list[int]) -> dict:
     out = {"sloth_daemon": str(Path(sloth_daemon.__file__).parent)}
     for via in args.via.split(","):
         if via == "engine":
-            out["engine"] = await _measure_engine(args.model, args.device, clients, args.requests, args.max_tokens)
+            out["engine"] = await _measure_engine(args.model, args.device, clients, args.requests, args.max_tokens,
+                                                  args.repeat)
         else:
             out["http"] = await _measure_http(args.model, args.device, clients, args.requests, args.max_tokens,
-                                              Path(args.state))
+                                              args.repeat, Path(args.state))
     return out
 
 
@@ -185,7 +192,7 @@ def run_config(name: str, tree: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, __file__, "--measure", "--model", str(args.model), "--device", args.device,
            "--clients", args.clients, "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
-           "--via", args.via, "--state", str(Path(args.work) / f"state-{name}")]
+           "--via", args.via, "--repeat", str(args.repeat), "--state", str(Path(args.work) / f"state-{name}")]
     # cwd too: `python -m` puts the working directory first on sys.path (the daemon's `sloth_daemon` comes from there)
     proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -217,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", default=BEFORE_REF, help="git ref of the baseline engine (default %(default)s)")
     p.add_argument("--configs", default="before,after")
     p.add_argument("--clients", default="1,8", help="client counts; the first is the baseline of the ratios")
-    p.add_argument("--requests", type=int, default=6, help="requests per client")
+    p.add_argument("--requests", type=int, default=4, help="requests per client and round")
+    p.add_argument("--repeat", type=int, default=3, help="rounds over the client counts, pooled")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default=None, help="model folder (default: sloth-tiny, built into --work)")

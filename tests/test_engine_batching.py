@@ -10,9 +10,8 @@ import time
 import pytest
 
 from sloth_daemon.engine.base import Finished, Guide, SamplingParams, TextDelta
-from sloth_daemon.engine.embedded import EmbeddedEngine
-
 from .engine_contract import chat, collect, run
+from .test_engine_embedded import engine  # noqa: F401  (the fixture: a started engine on sloth-tiny, this module's own)
 from .taught_adapter import ANSWER, QUESTION
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
@@ -20,14 +19,6 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0)
 PROMPTS = ["Hi", "What is sloth-daemon?", QUESTION,
            "Question number 3? " + "Please answer it in a few words, and be precise about it. " * 3,
            "How do I teach it something new, and how long does an update take on a small machine?"]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    eng = EmbeddedEngine(tiny_model, model_name="sloth-tiny", device="cpu")
-    run(eng.start())
-    yield eng
-    run(eng.stop())
 
 
 async def timed(engine, request) -> dict:
