@@ -1,7 +1,7 @@
 """Benchmark cross-entropy: fused LM head + loss (and plain CE over existing logits) vs reference vs torch.compile.
 
 GPU only. Llama-3.1-8B sizes: 4096 tokens (batch 2 x seq 2048), hidden 4096, vocab 128256, bf16. `run()` returns rows
-{op, impl, pass, dtype, ms, peak_mem_mb}: `ms` is the median of `triton.testing.do_bench`, `peak_mem_mb` the peak
+{op, impl, pass, dtype, ms, peak_mem_mb, flop or bytes}: `ms` is the median of `triton.testing.do_bench`, `peak_mem_mb` the peak
 CUDA memory allocated by one call above what was live before it (inputs excluded).
 
 Ops:
@@ -28,9 +28,9 @@ TOKENS, HIDDEN, VOCAB = 2 * 2048, 4096, 128256
 DTYPE = torch.bfloat16
 
 
-def _row(op: str, impl: str, pass_name: str, ms: float, peak_mb: float) -> dict:
+def _row(op: str, impl: str, pass_name: str, ms: float, peak_mb: float, **work) -> dict:
     return {"op": op, "impl": impl, "pass": pass_name, "dtype": str(DTYPE).removeprefix("torch."),
-            "ms": ms, "peak_mem_mb": peak_mb}
+            "ms": ms, "peak_mem_mb": peak_mb, **work}
 
 
 def _bench_fused(rows: list[dict]) -> None:
@@ -53,7 +53,10 @@ def _bench_fused(rows: list[dict]) -> None:
                 "fwd+bwd": lambda op=op: op(hidden, weight, labels).backward(),
             }
             for pass_name, fn in passes.items():
-                rows.append(_row(op_name, impl, pass_name, *_measure(fn, inputs)))
+                # GEMMs: logits; the backward grad_hidden and, when the head trains, grad_W (each 2*T*H*V FLOP)
+                gemms = 1 if pass_name == "fwd" else (3 if weight_trainable else 2)
+                rows.append(_row(op_name, impl, pass_name, *_measure(fn, inputs),
+                                 flop=gemms * 2 * TOKENS * HIDDEN * VOCAB))
         del weight
         torch.cuda.empty_cache()
 
@@ -71,7 +74,10 @@ def _bench_plain(rows: list[dict]) -> None:
     for impl, op in impls.items():
         passes = {"fwd": lambda op=op: op(logits, labels), "fwd+bwd": lambda op=op: op(logits, labels).backward()}
         for pass_name, fn in passes.items():
-            rows.append(_row("cross_entropy", impl, pass_name, *_measure(fn, [logits])))
+            # HBM traffic: the logits read; with the backward their grad written too
+            tensors = 1 if pass_name == "fwd" else 2
+            rows.append(_row("cross_entropy", impl, pass_name, *_measure(fn, [logits]),
+                             bytes=tensors * logits.numel() * logits.element_size()))
 
 
 def run() -> list[dict]:

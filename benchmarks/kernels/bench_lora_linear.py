@@ -11,7 +11,7 @@ base weights NF4 with double quantisation, bnb compute dtype bf16. Projections: 
 Also one row per backend for the whole `lora_qkv` (q 4096->4096, k and v 4096->1024: one dequant launch, one
 stacked GEMM) vs the three peft modules, and for the whole `lora_mlp` (gate/up/down, SwiGLU) vs peft modules + torch
 SiLU.
-`run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb}: median of `triton.testing.do_bench`; peak CUDA memory
+`run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, flop}: median of `triton.testing.do_bench`; peak CUDA memory
 of one call above what was live before it. Importing this module needs no GPU.
 """
 
@@ -63,8 +63,16 @@ def _with_backend(backend, fn):
     return run
 
 
-def _bench(rows, op, impls, x, params):
-    """impls: name -> (forward, backend or None)."""
+def _flop(tokens: int, shapes, pass_name: str) -> int:
+    """GEMM FLOP of LoRA projections [(in, out), ...] over `tokens` rows, rank RANK: forward y = x W^T + (x A^T) B^T;
+    the backward adds dX through the frozen W and the LoRA products, and the A and B grads."""
+    base = sum(2 * tokens * k * n for k, n in shapes)
+    lora = sum(2 * tokens * RANK * (k + n) for k, n in shapes)
+    return base + lora if pass_name == "fwd" else 2 * base + 3 * lora
+
+
+def _bench(rows, op, impls, x, params, shapes):
+    """impls: name -> (forward, backend or None); shapes: the projections' (in, out), for the FLOP count."""
     d_out = None
     for impl, (forward, backend) in impls.items():
         try:
@@ -77,7 +85,7 @@ def _bench(rows, op, impls, x, params):
             for pass_name, fn in passes.items():
                 ms, peak_mb = _measure(fn, [x, *params])
                 rows.append({"op": op, "impl": impl, "pass": pass_name, "dtype": str(DTYPE).removeprefix("torch."),
-                             "ms": ms, "peak_mem_mb": peak_mb})
+                             "ms": ms, "peak_mem_mb": peak_mb, "flop": _flop(BATCH * SEQ, shapes, pass_name)})
         except Exception as exc:  # a compile failure or OOM must not hide the other rows
             print(f"bench_lora_linear: {op} {impl} failed: {exc!r}")
             torch.cuda.empty_cache()
@@ -101,7 +109,7 @@ def run() -> list[dict]:
             "torch": (lambda: lora_linear_reference(x, *parts), None),
             "torch.compile": (lambda: compiled_ref(x, *parts), None),
         }
-        _bench(rows, f"lora_linear[{in_f}->{out_f}]", impls, x, [A, B])
+        _bench(rows, f"lora_linear[{in_f}->{out_f}]", impls, x, [A, B], [(in_f, out_f)])
         del x
 
     qkv = _peft_layers({"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024)})
@@ -115,7 +123,7 @@ def run() -> list[dict]:
         "triton-dequant": (lambda: joined(lora_qkv(x, *qkv.values())), "dequant"),
         "peft": (lambda: joined([m(x) for m in qkv.values()]), None),
     }
-    _bench(rows, "lora_qkv[4096->4096+1024+1024]", impls, x, params)
+    _bench(rows, "lora_qkv[4096->4096+1024+1024]", impls, x, params, [(4096, 4096), (4096, 1024), (4096, 1024)])
     del x
 
     mlp = _peft_layers({"gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)})
@@ -130,5 +138,5 @@ def run() -> list[dict]:
         "triton-fused": (lambda: lora_mlp(x, *mlp.values()), "fused"),
         "peft": (peft_mlp, None),
     }
-    _bench(rows, "lora_mlp[4096-14336-4096]", impls, x, params)
+    _bench(rows, "lora_mlp[4096-14336-4096]", impls, x, params, [(4096, 14336), (4096, 14336), (14336, 4096)])
     return rows

@@ -2,7 +2,7 @@
 and torch.compile), at Llama-3.1-8B weight shapes.
 
 GPU only. Weights are quantised by bitsandbytes with double quantisation (the QLoRA recipe), blocksize 64; dequantised
-to bf16 (the compute dtype) and to fp32. `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, shape}: `ms`
+to bf16 (the compute dtype) and to fp32. `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, shape, bytes}: `ms`
 is the median of `triton.testing.do_bench`, `peak_mem_mb` the peak CUDA memory of one call above what was live before
 (the output weight itself is 2 B/elem in bf16: 112 MiB for 14336 x 4096). There is no backward ("fwd" only).
 One more op, `nf4_dequant_stacked[gate+up]`, dequantises gate and up (two 14336 x 4096) into one [28672, 4096]
@@ -35,8 +35,11 @@ def _row(rows, op, impl, dtype, fn, shape):
     except Exception as exc:  # a compile failure must not hide the other rows
         print(f"bench_nf4: {op} {impl} {dtype} failed: {exc!r}")
         ms, peak_mb = float("nan"), float("nan")
+    numel = shape[0] * shape[1]
+    # HBM traffic: 4 bits a weight and one uint8 absmax per 64 read, the weight written in `dtype`
+    traffic = numel * (0.5 + 1 / 64 + torch.empty(0, dtype=dtype).element_size())
     rows.append({"op": op, "impl": impl, "pass": "fwd", "dtype": str(dtype).removeprefix("torch."), "ms": ms,
-                 "peak_mem_mb": peak_mb, "shape": list(shape)})
+                 "peak_mem_mb": peak_mb, "shape": list(shape), "bytes": traffic})
 
 
 def _stacked_rows(rows):

@@ -1,6 +1,6 @@
 """Benchmark RMSNorm: Triton kernel vs PyTorch reference vs torch.compile(reference), Llama-3.1-8B sizes, GPU only.
 
-`run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb}: `ms` is the median of `triton.testing.do_bench`,
+`run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, bytes}: `ms` is the median of `triton.testing.do_bench`,
 `peak_mem_mb` the peak CUDA memory allocated by one call above what was live before it (inputs excluded).
 The table/JSON driver is benchmarks/bench_kernels.py. Importing this module needs no GPU; running it does.
 """
@@ -28,6 +28,9 @@ def run() -> list[dict]:
             passes = {"fwd": lambda op=op: op(x, weight), "fwd+bwd": lambda op=op: op(x, weight).backward(dy)}
             for pass_name, fn in passes.items():
                 ms, peak_mb = _measure(fn, [x, weight])
+                # HBM traffic: x read, y written; the backward reads dy and x again and writes dx
+                tensors = 2 if pass_name == "fwd" else 5
                 rows.append({"op": "rms_norm", "impl": impl, "pass": pass_name,
-                             "dtype": str(dtype).removeprefix("torch."), "ms": ms, "peak_mem_mb": peak_mb})
+                             "dtype": str(dtype).removeprefix("torch."), "ms": ms, "peak_mem_mb": peak_mb,
+                             "bytes": tensors * x.numel() * x.element_size()})
     return rows

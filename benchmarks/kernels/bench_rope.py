@@ -1,6 +1,6 @@
 """Benchmark RoPE on Q and K: Triton kernel vs PyTorch reference vs torch.compile(reference), Llama-3.1-8B sizes.
 
-GPU only. `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb}: `ms` is the median of
+GPU only. `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, bytes}: `ms` is the median of
 `triton.testing.do_bench`, `peak_mem_mb` the peak CUDA memory allocated by one call above what was live before it.
 Q/K are HF's transposed views ([batch, seq, heads, dim] storage seen as [batch, heads, seq, dim]) and cos/sin are
 [1, seq, head_dim], as HF's attention passes them. Importing this module needs no GPU.
@@ -42,6 +42,9 @@ def run() -> list[dict]:
             passes = {"fwd": lambda op=op: op(q, k, cos, sin), "fwd+bwd": lambda op=op: fwd_bwd(op)}
             for pass_name, fn in passes.items():
                 ms, peak_mb = _measure(fn, [q, k])
+                # HBM traffic: q and k read, rotated q and k written; the backward the same for their grads
+                tensors = 2 if pass_name == "fwd" else 4
                 rows.append({"op": "rope_qk", "impl": impl, "pass": pass_name,
-                             "dtype": str(dtype).removeprefix("torch."), "ms": ms, "peak_mem_mb": peak_mb})
+                             "dtype": str(dtype).removeprefix("torch."), "ms": ms, "peak_mem_mb": peak_mb,
+                             "bytes": tensors * (q.numel() + k.numel()) * q.element_size()})
     return rows

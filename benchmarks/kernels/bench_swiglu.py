@@ -1,6 +1,6 @@
 """Benchmark SwiGLU and GeGLU: Triton kernels vs PyTorch references vs torch.compile(reference), Llama-3.1-8B sizes.
 
-GPU only. `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb}: `ms` is the median of
+GPU only. `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, bytes}: `ms` is the median of
 `triton.testing.do_bench`, `peak_mem_mb` the peak CUDA memory allocated by one call above what was live before it.
 gate/up are [batch, seq, intermediate] = [2, 2048, 14336]. Importing this module needs no GPU.
 """
@@ -42,6 +42,9 @@ def run() -> list[dict]:
                 passes = {"fwd": lambda op=op: op(gate, up), "fwd+bwd": lambda op=op: op(gate, up).backward(d_out)}
                 for pass_name, fn in passes.items():
                     ms, peak_mb = _measure(fn, [gate, up])
+                    # HBM traffic: gate, up read and h written; the backward reads gate, up, dh, writes dgate, dup
+                    tensors = 3 if pass_name == "fwd" else 8
                     rows.append({"op": op_name, "impl": impl, "pass": pass_name,
-                                 "dtype": str(dtype).removeprefix("torch."), "ms": ms, "peak_mem_mb": peak_mb})
+                                 "dtype": str(dtype).removeprefix("torch."), "ms": ms, "peak_mem_mb": peak_mb,
+                                 "bytes": tensors * gate.numel() * gate.element_size()})
     return rows
