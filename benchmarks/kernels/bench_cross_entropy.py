@@ -1,8 +1,8 @@
 """Benchmark cross-entropy: fused LM head + loss (and plain CE over existing logits) vs reference vs torch.compile.
 
 GPU only. Llama-3.1-8B sizes: 4096 tokens (batch 2 x seq 2048), hidden 4096, vocab 128256, bf16. `run()` returns rows
-{op, impl, pass, dtype, ms, peak_mem_mb, flop or bytes}: `ms` is the median of `triton.testing.do_bench`, `peak_mem_mb` the peak
-CUDA memory allocated by one call above what was live before it (inputs excluded).
+{op, impl, pass, dtype, ms, peak_mem_mb, flop or bytes}: `ms` is the median of `triton.testing.do_bench`,
+`peak_mem_mb` the peak CUDA memory allocated by one call above what was live before it (inputs excluded).
 
 Ops:
 - `fused_linear_cross_entropy`: LM head weight trainable (grad_W [V, H] is part of every impl's memory).

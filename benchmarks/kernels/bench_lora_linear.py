@@ -11,8 +11,8 @@ base weights NF4 with double quantisation, bnb compute dtype bf16. Projections: 
 Also one row per backend for the whole `lora_qkv` (q 4096->4096, k and v 4096->1024: one dequant launch, one
 stacked GEMM) vs the three peft modules, and for the whole `lora_mlp` (gate/up/down, SwiGLU) vs peft modules + torch
 SiLU.
-`run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, flop}: median of `triton.testing.do_bench`; peak CUDA memory
-of one call above what was live before it. Importing this module needs no GPU.
+`run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, flop}: median of `triton.testing.do_bench`; peak CUDA
+memory of one call above what was live before it. Importing this module needs no GPU.
 """
 
 import torch

@@ -2,8 +2,8 @@
 and torch.compile), at Llama-3.1-8B weight shapes.
 
 GPU only. Weights are quantised by bitsandbytes with double quantisation (the QLoRA recipe), blocksize 64; dequantised
-to bf16 (the compute dtype) and to fp32. `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, shape, bytes}: `ms`
-is the median of `triton.testing.do_bench`, `peak_mem_mb` the peak CUDA memory of one call above what was live before
+to bf16 (the compute dtype) and to fp32. `run()` returns rows {op, impl, pass, dtype, ms, peak_mem_mb, shape,
+bytes}: `ms` is the median of `triton.testing.do_bench`, `peak_mem_mb` the peak CUDA memory of one call above what was live before
 (the output weight itself is 2 B/elem in bf16: 112 MiB for 14336 x 4096). There is no backward ("fwd" only).
 One more op, `nf4_dequant_stacked[gate+up]`, dequantises gate and up (two 14336 x 4096) into one [28672, 4096]
 buffer: `dequantize_nf4_stacked` (one launch) against two `dequantize_nf4` calls and two bitsandbytes calls, bf16.
