@@ -72,16 +72,18 @@ class _Row:
 
 class BatchDecoder:
     """See the module docstring. `model_fn()` returns the current model (a peft wrapper appears and goes as
-    adapters load and unload); `max_rows` bounds the batch (requests beyond it wait for rows to free)."""
+    adapters load and unload); `max_rows` bounds the batch (requests beyond it wait for rows to free); `flush()` is
+    called when a prefill group or a step has emitted its events (callers may buffer `emit`s until then)."""
 
     def __init__(self, model_fn: Callable[[], Any], tokenizer: Any, texts: TokenTexts, eos_ids: set[int],
-                 device: torch.device, *, max_rows: int = 32):
+                 device: torch.device, *, max_rows: int = 32, flush: Callable[[], None] = lambda: None):
         self._model_fn = model_fn
         self._tokenizer = tokenizer
         self._texts = texts
         self._eos_ids = eos_ids
         self._device = device
         self.max_rows = max_rows
+        self._flush = flush
         pad = getattr(tokenizer, "pad_token_id", None)
         self._pad_id = int(pad if pad is not None else next(iter(eos_ids), 0))
         self._rows: list[_Row] = []
@@ -133,6 +135,8 @@ class BatchDecoder:
             rows += req.params.n
         for group in _length_groups(fresh):
             self._admit_group(group)
+            self._flush()  # this group's first tokens go out before the next group's prefill
+        self._flush()
 
     def _admit_group(self, fresh: list[BatchRequest]) -> None:
         try:
@@ -210,6 +214,7 @@ class BatchDecoder:
         """One token for every row (cancelled rows leave first)."""
         self._drop([i for i, r in enumerate(self._rows) if r.request.cancelled.is_set()], cancel=True)
         if not self._rows:
+            self._flush()
             return
         rows = self._rows
         ids = torch.tensor([[r.last] for r in rows], device=self._device)
@@ -244,6 +249,7 @@ class BatchDecoder:
                 row.request.emit(EngineError(f"generation failed: {e}"))
         ended += [i for i, r in enumerate(rows) if id(r.request) in failed]
         self._drop(ended, cancel=False)
+        self._flush()
 
     def _drop(self, indices: list[int], cancel: bool) -> None:
         if not indices:
@@ -269,7 +275,7 @@ class BatchDecoder:
         self._mask = mask
 
     def fail_all(self, error: BaseException) -> None:
-        """End every request in the batch and waiting with `error` (e.g. the engine is stopping or failed)."""
+        """End every request in the batch and waiting with `error` (e.g. a forward failed)."""
         seen: set[int] = set()
         for row in self._rows:
             if id(row.request) not in seen:
@@ -278,6 +284,7 @@ class BatchDecoder:
         for req in self.waiting:
             req.emit(error)
         self._rows, self._cache, self._mask, self.waiting = [], None, None, []
+        self._flush()
 
 
 def _length_groups(requests: list[BatchRequest]) -> list[list[BatchRequest]]:

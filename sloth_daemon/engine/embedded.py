@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PROBE_PROMPT = "The quick brown fox"
 SMALL_MODEL_PARAMS = 50_000_000
+SWITCH_INTERVAL_S = 0.0005  # the interpreter's GIL switch interval while the engine runs (see `start`)
 
 
 @dataclass
@@ -60,12 +62,27 @@ class _Job:
     error: BaseException | None = None
 
 
-def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Any], None]:
-    """Hands events from the worker thread to a caller's event loop; a closed loop (its caller is gone) drops them."""
-    def emit(ev: Any) -> None:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-    return emit
+class _Outbox:
+    """Events from the worker thread to the callers' event loops, handed over once per decoding step: one wake-up
+    of a loop per step for all its requests' events, not one per token and request. A closed loop (its callers are
+    gone) drops them."""
+
+    def __init__(self):
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+
+    def emitter(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Any], None]:
+        return lambda ev: self._pending.setdefault(loop, []).append((events, ev))  # worker thread only
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for events, ev in items:
+        events.put_nowait(ev)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -97,6 +114,7 @@ class EmbeddedEngine:
         self._guide_compiler: GuideCompiler | None = None  # structured generation, built at first use
         self._guide_lock = threading.Lock()
         self._decoder: BatchDecoder | None = None  # the worker thread's
+        self._outbox = _Outbox()
         self.max_batch_rows = max_batch_rows  # choices decoded in one batch; more wait for a free row
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
@@ -116,6 +134,11 @@ class EmbeddedEngine:
             if eos is None:
                 eos = self._tokenizer.eos_token_id
             self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+            if SWITCH_INTERVAL_S < sys.getswitchinterval():
+                # The worker holds the GIL between its torch calls; at the default 5 ms switch interval the event
+                # loop waits up to 5 ms each time it wants the GIL back (after every socket call), which under
+                # load multiplies the HTTP path's latency (the convoy effect).
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
             if self.device.type == "cpu" and sum(p.numel() for p in self._model.parameters()) < SMALL_MODEL_PARAMS:
                 # Token-by-token decoding of a small model is dominated by thread hand-offs: one thread is faster.
                 torch.set_num_threads(1)
@@ -158,7 +181,8 @@ class EmbeddedEngine:
     def _worker(self) -> None:
         """Between two batched decoding steps: run queued jobs, admit new requests; block only when idle."""
         decoder = self._decoder = BatchDecoder(lambda: self._model, self._tokenizer, self._token_texts,
-                                               self._eos_ids, self.device, max_rows=self.max_batch_rows)
+                                               self._eos_ids, self.device, max_rows=self.max_batch_rows,
+                                               flush=self._outbox.flush)
         stopping = False
         while True:
             jobs = []
@@ -217,28 +241,32 @@ class EmbeddedEngine:
 
     # -- requests -------------------------------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> int:
+        return len(self._checked_prompt_ids(request))
+
+    def _checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids, once every check of `validate` passed."""
         bad = [tok for tok, _ in request.params.logit_bias if not 0 <= tok < self.vocab_size]
         if bad:
             raise InvalidParam("logit_bias", f"logit_bias: token id {bad[0]} is not in the model's vocabulary "
                                              f"(0-{self.vocab_size - 1})")
         if request.params.guide is not None:
             self._guides.check(request.params.guide)
-        n = len(encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt, request.tools)))
+        ids = encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt, request.tools))
+        n = len(ids)
         if n + request.params.max_tokens > self.max_model_len:
             raise RequestTooLong(
                 f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds the model's context "
                 f"length ({self.max_model_len})"
             )
-        return n
+        return ids
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        prompt_ids = encode(self._tokenizer, render_prompt(self._tokenizer, request.kind, request.prompt, request.tools))
-        self.validate(request)
+        prompt_ids = self._checked_prompt_ids(request)
         adapter = self._current  # pinned now: a swap after this point does not change this request
         self._pins[adapter] = self._pins.get(adapter, 0) + 1
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         guide = request.params.guide
-        job = BatchRequest(prompt_ids, adapter, request.params, _emitter(loop, events), threading.Event(),
+        job = BatchRequest(prompt_ids, adapter, request.params, self._outbox.emitter(loop, events), threading.Event(),
                            (lambda: self._guides.processor(guide)) if guide is not None else None)
         try:
             self._jobs.put(job)
