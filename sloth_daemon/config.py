@@ -105,6 +105,10 @@ class GateConfig(_Section):
     max_anchor_kl: float = Field(
         0.25, ge=0, description="bound on the mean KL(base || candidate), nats/token, on held-out anchors"
     )
+    max_anchor_kl_rise: float = Field(
+        0.06, ge=0, description="bound on how much one update may raise that KL (nats/token): a normal update of a "
+        "few facts adds 0.01-0.05 on sloth-tiny, five garbage answers to general prompts 0.07 (bench_retention)"
+    )
     max_answers_lost: float = Field(
         0.05, ge=0, le=1, description="share of the learnt examples' exact greedy answers an update may lose"
     )

@@ -15,6 +15,9 @@ measurement, its bound and its result:
                 `anchor_loss_tolerance`; when too few new examples wait to hold some out, the check says so.
 - anchor_loss:  the same bound on the held-out anchors' loss.
 - anchor_kl:    mean KL(base || candidate) per answer token on the held-out anchors <= `max_anchor_kl` (nats).
+- anchor_kl_rise: that KL minus the parent's <= `max_anchor_kl_rise`: one update may move general behaviour only so
+                far (the cumulative bound alone lets one bad update spend what many good ones would; garbage answers
+                to general prompts are caught by their jump, bench_retention's poisoned round).
 - anchor_answers, recall_answers: of the held-out anchors (the base's own greedy answers) and of a sample of earlier
                 learnt examples, those the parent answered exactly under greedy decoding and the candidate no longer
                 does: at most `max_anchor_answers_lost` / `max_answers_lost` of them (a share, rounded down).
@@ -174,9 +177,26 @@ def _forgotten(s: EvalScores) -> Check:
                                       f"(the base model does not answer them so; allowed 0)")
 
 
-def judge(scores: dict[str, EvalScores], cfg: GateConfig, *, heldout_note: str | None = None) -> Verdict:
+def _kl_rise(s: EvalScores | None, bound: float) -> Check:
+    if s is None or s.examples == 0:
+        return _skip("anchor_kl_rise", "no held-out anchors: skipped")
+    if not _finite(s.candidate_kl):
+        return Check(name="anchor_kl_rise", passed=False, examples=s.examples,
+                     detail="KL to the base on held-out anchors was not measured")
+    parent = s.parent_kl if _finite(s.parent_kl) else 0.0  # a fresh LoRA is the base: KL 0
+    rise = s.candidate_kl - parent
+    ok = rise <= bound
+    return Check(name="anchor_kl_rise", passed=ok, measured=rise, bound=bound, examples=s.examples,
+                 detail=f"KL(base || model) on {s.examples} held-out anchors rose {parent:.4f} -> "
+                        f"{s.candidate_kl:.4f} (+{rise:.4f} nats/token, {'within' if ok else 'above'} the per-update "
+                        f"bound {bound:.4f})")
+
+
+def judge(scores: dict[str, EvalScores], cfg: GateConfig, *, heldout_note: str | None = None,
+          rebuild: bool = False) -> Verdict:
     """The verdict on a candidate from its eval scores (sets "new", "new_heldout", "anchor", "recall", and
-    "forgotten" for a rebuild; see the module docstring). `heldout_note` explains why no new examples were held out (None when some were)."""
+    "forgotten" for a rebuild; see the module docstring). `heldout_note` explains why no new examples were held
+    out (None when some were); `rebuild`: the candidate is a fresh LoRA trained on everything learnt."""
     checks = []
     new = scores.get("new")
     if new is None or new.examples == 0:
@@ -201,6 +221,10 @@ def judge(scores: dict[str, EvalScores], cfg: GateConfig, *, heldout_note: str |
     checks.append(_loss_rise("anchor_loss", anchor, "held-out anchors", cfg.max_anchor_loss_increase,
                              cfg.anchor_loss_tolerance))
     checks.append(_kl("anchor_kl", anchor, "held-out anchors", cfg.max_anchor_kl))
+    if rebuild:  # a fresh LoRA: its rise from the base is all that was learnt, which anchor_kl bounds
+        checks.append(_skip("anchor_kl_rise", "a rebuild starts from the base model: judged by anchor_kl alone"))
+    else:
+        checks.append(_kl_rise(anchor, cfg.max_anchor_kl_rise))
     checks.append(_answers_lost("anchor_answers", anchor, "held-out anchors", cfg.max_anchor_answers_lost))
     recall = scores.get("recall")
     checks.append(_answers_lost("recall_answers", recall, "earlier learnt examples", cfg.max_answers_lost))

@@ -280,7 +280,7 @@ class Updater:
                     lambda ev: self._on_progress(update_id, ev), self.cfg.train.timeout_s,
                 )
             self._stoppable = False
-            verdict = judge(result.eval, self.cfg.gate, heldout_note=plan.heldout_note)
+            verdict = judge(result.eval, self.cfg.gate, heldout_note=plan.heldout_note, rebuild=plan.rebuild)
             metrics = {"train": result.model_dump(exclude={"eval"}), "eval": {k: v.model_dump() for k, v in result.eval.items()},
                        "gate": verdict.model_dump(), "plan": plan.summary(), "timeline": self._timeline,
                        "seconds": round(time.monotonic() - t0, 2)}

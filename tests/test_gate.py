@@ -71,6 +71,31 @@ def test_anchor_kl_and_answers_on_held_out_probes():
     assert not checks(judge(good(anchor=missing_kl), cfg, heldout_note="x"))["anchor_kl"].passed
 
 
+def test_one_update_may_raise_the_anchor_kl_only_so_far():
+    cfg = GateConfig(max_anchor_kl=0.25, max_anchor_kl_rise=0.06)
+    def anchor(before, after):
+        return s(1.0, 1.0).model_copy(update={"parent_kl": before, "candidate_kl": after})
+
+    assert judge(good(anchor=anchor(0.14, 0.19)), cfg, heldout_note="x").promote  # +0.05
+    v = judge(good(anchor=anchor(0.142, 0.215)), cfg, heldout_note="x")  # bench_retention's garbage round
+    c = checks(v)
+    assert not v.promote and c["anchor_kl"].passed and not c["anchor_kl_rise"].passed
+    assert v.reason.startswith("anchor_kl_rise: KL(base || model) on 4 held-out anchors rose 0.1420 -> 0.2150")
+    assert abs(c["anchor_kl_rise"].measured - 0.073) < 1e-9 and c["anchor_kl_rise"].bound == 0.06
+    # A rebuild starts from the base: its whole drift is judged by anchor_kl, not as one update's rise.
+    v = judge(good(anchor=anchor(0.0, 0.2), forgotten=s(3.0, 2.0, before=[False] * 4, after=[False] * 4)), cfg,
+              heldout_note="x", rebuild=True)
+    assert v.promote and checks(v)["anchor_kl_rise"].detail.startswith("a rebuild")
+
+
+def test_forgotten_answers_must_not_come_back():
+    back = s(3.0, 0.1, before=[False, True, False, False], after=[True, True, False, False])
+    v = judge(good(forgotten=back), GateConfig(), heldout_note="x", rebuild=True)
+    c = checks(v)["forgotten"]
+    assert not v.promote and c.failing == ["ex_0"] and c.measured == 1  # ex_1: the base answers it so anyway
+    assert "forgotten" not in checks(judge(good(), GateConfig(), heldout_note="x"))
+
+
 def test_held_out_new_examples_and_non_finite_losses():
     cfg = GateConfig(max_anchor_loss_increase=0.25, anchor_loss_tolerance=0.05)
     assert judge(good(new_heldout=s(2.0, 2.5)), cfg).promote
@@ -84,7 +109,7 @@ def test_empty_sets_are_skipped_and_said_so():
     empty = EvalScores(parent=None, candidate=None, examples=0)
     v = judge({"new": s(2, 1), "anchor": empty, "recall": empty}, GateConfig(), heldout_note="none held out")
     assert v.promote
-    assert [c.detail for c in v.checks[2:]] == ["no held-out anchors: skipped"] * 3 + [
+    assert [c.detail for c in v.checks[2:]] == ["no held-out anchors: skipped"] * 4 + [
         "no earlier learnt examples: skipped"] * 2
 
 
