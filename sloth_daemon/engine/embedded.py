@@ -201,11 +201,17 @@ class EmbeddedEngine:
                     fresh.append(job)
                 else:
                     self._run_job(job)
-            if fresh or decoder.waiting:
-                decoder.admit(fresh)
-            if decoder.running:
-                decoder.step()
-            elif stopping and not decoder.busy:
+            try:
+                if fresh or decoder.waiting:
+                    decoder.admit(fresh)
+                if decoder.running:
+                    decoder.step()
+            except Exception as e:  # a bug in the bookkeeping: fail what is in flight, keep serving
+                log.exception("batched decoding failed")
+                for req in fresh:  # those not in the batch yet too (the first error event ends a request)
+                    req.emit(EngineError(f"generation failed: {e}"))
+                decoder.fail_all(EngineError(f"generation failed: {e}"))
+            if stopping and not decoder.busy:
                 return
 
     @staticmethod
