@@ -157,3 +157,33 @@ def test_mixed_adapters_in_one_batch_each_give_what_they_give_alone(engine, taug
     # the base requests were decoding while the taught answer was still being written: one batch, two adapters
     assert max(r["first"] for r in base) < tuned[0]["end"]
     assert engine.in_flight() == {} and engine.current_adapter is None
+
+
+def test_a_failing_request_fails_alone(engine, monkeypatch):
+    from transformers import LogitsProcessor
+
+    from sloth_daemon.engine.base import EngineError
+
+    class Breaks(LogitsProcessor):  # fault injection: a logits processor that fails at its third token
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("processor broke")
+            return scores
+
+    prompts = ["What is sloth-daemon?", PROMPTS[3]]
+    alone = [run(collect(engine, chat(p, GREEDY)))[0] for p in prompts]
+    monkeypatch.setattr(engine._guides, "processor", lambda guide: Breaks())
+    guided = chat("Weather?", SamplingParams(max_tokens=24, temperature=0, guide=Guide({"type": "object"})))
+
+    async def together():
+        return await asyncio.gather(collect(engine, guided), *(collect(engine, chat(p, GREEDY)) for p in prompts),
+                                    return_exceptions=True)
+
+    failed, *others = run(together())
+    assert isinstance(failed, EngineError) and "processor broke" in str(failed)
+    assert [t for t, _ in others] == alone
+    assert engine.in_flight() == {} and engine.batch_rows == 0
+    assert run(collect(engine, chat(prompts[0], GREEDY)))[0] == alone[0]  # the engine goes on serving
