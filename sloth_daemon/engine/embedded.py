@@ -10,8 +10,8 @@ Contract: see `sloth_daemon.engine.base`. How it keeps it:
 - Each request pins the adapter version current when `generate` is called; each batch row carries its version to
   peft's per-row `adapter_names`, so a swap never changes an in-flight request's adapter. Loaded adapters are
   counted by the requests pinned to them; the old one is unloaded only when its count drops to zero.
-- Tokens stream from the worker to the caller's event loop through an asyncio queue; a caller that stops
-  listening cancels its request, which leaves the batch at the next step without disturbing the others.
+- Tokens stream from the worker to the caller's event loop through an asyncio queue (handed over once per decoding
+  step for all of a loop's requests); a caller that stops listening cancels its request, which leaves the batch at the next step without disturbing the others.
 - Everything that picks the next token is transformers' own logits processors, built once per choice in
   `sampling.ChoiceSampler`; a choice's text, stop strings and logprobs are `choice.ChoiceStream`'s. The `n` choices
   of a request decode side by side as rows of the batch and share its seeded generator.
