@@ -1,6 +1,6 @@
 """sloth_replay: the replay store (SQLite) and example selection/mixing for continual updates."""
 
-from .examples import Example, canonical_json, content_hash, make_example
+from .examples import Example, ToolCallError, canonical_json, content_hash, make_example
 from .mixing import MixRatios, batch_counts, build_batches, split_holdout
 from .schema import SCHEMA_VERSION, SchemaError
 from .store import (
@@ -28,5 +28,6 @@ __all__ = [
     "canonical_json",
     "content_hash",
     "make_example",
+    "ToolCallError",
     "split_holdout",
 ]

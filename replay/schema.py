@@ -22,6 +22,8 @@ History:
 - v4: forgetting (`forgetting.py`): forget_requests (what was asked and what it deleted), tainted_adapters (versions
   trained on deleted data), forgotten (the deleted examples that an adapter had trained on, kept only until a rebuilt
   adapter is promoted, so that its gate can check the rebuild no longer gives their answers).
+- v5: tool use in training data: examples.tools (JSON: the OpenAI tools the prompt offered) and examples.tool_calls
+  (JSON: the answer's tool calls), feedback.tool_calls (a correction that calls tools); NULL for everything before.
 """
 
 from __future__ import annotations
@@ -153,7 +155,13 @@ def _v4(db: Database) -> None:
     )""")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: Database) -> None:
+    db.execute("ALTER TABLE examples ADD COLUMN tools TEXT")  # JSON list, or NULL
+    db.execute("ALTER TABLE examples ADD COLUMN tool_calls TEXT")  # JSON list, or NULL
+    db.execute("ALTER TABLE feedback ADD COLUMN tool_calls TEXT")  # JSON list, or NULL
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlite_utils import Database
 
-from .examples import EXAMPLE_SOURCES, Example, make_example, utc_now
+from .examples import EXAMPLE_SOURCES, Example, ToolCallError, make_example, utc_now
 from .schema import SCHEMA_VERSION, SchemaError, current_version, migrate
 
 # How long a writer waits for another process's write lock before giving up (SQLite busy timeout).
@@ -52,7 +52,12 @@ class NotFound(StoreError, LookupError):
 
 
 class InvalidInput(StoreError, ValueError):
-    """The arguments cannot be stored as given; the message says why."""
+    """The arguments cannot be stored as given; the message says why, `param` names the field when one is at fault
+    (tools and tool calls: ``tool_calls.0.function.name``)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UpdateAlreadyRunning(StoreError):
@@ -369,10 +374,14 @@ class ReplayStore:
         rating: Literal["up", "down"] | None = None,
         correction: str | None = None,
         comment: str | None = None,
+        tool_calls: list[dict] | None = None,
     ) -> dict:
         """Attach a rating and/or a corrected answer to a logged turn. The latest feedback on a turn wins; it
         decides the turn's one training example:
-        - a correction -> the corrected answer (source "correction"), whatever the rating;
+        - a correction -> the corrected answer (source "correction"), whatever the rating; `tool_calls` make it an
+          answer that calls tools (`correction` then the text before the calls, "" when None); the turn must have
+          offered tools, and the example carries the tools the turn offered (as every example derived from a turn
+          that offered tools does, so the prompt is trained as it was served);
         - "up" alone -> the turn's latest correction if it has one (an "up" after a fix endorses the fix, it does
           not add the bad answer), else the logged response (source "rated_up");
         - "down" alone -> none, and it takes back an earlier "up" of the logged response (a correction stays: the
@@ -388,10 +397,13 @@ class ReplayStore:
             raise InvalidInput("correction must be a string")
         if comment is not None and not isinstance(comment, str):
             raise InvalidInput("comment must be a string")
+        if tool_calls is not None and correction is None:
+            correction = ""  # a correction that only calls tools
         if rating is None and correction is None:
             raise InvalidInput("feedback needs a rating ('up'/'down') or a correction")
         with self._write() as db:
-            rows = list(db.query("SELECT kind, prompt, response FROM interactions WHERE id = ?", [interaction_id]))
+            rows = list(db.query("SELECT kind, prompt, response, params FROM interactions WHERE id = ?",
+                                 [interaction_id]))
             if not rows:
                 raise NotFound(f"no logged interaction {interaction_id!r}")
             inter = rows[0]
@@ -407,8 +419,15 @@ class ReplayStore:
             elif correction is not None or rating == "up":
                 source = "correction" if correction is not None else "rated_up"
                 answer = correction if correction is not None else inter["response"]
+                tools = json.loads(inter["params"]).get("tools") or None
+                if tool_calls is not None and correction is not None and not tools:
+                    raise InvalidInput(f"tool_calls: turn {interaction_id!r} offered no tools, so its correction "
+                                       "cannot call one", "tool_calls")
                 try:
-                    candidate = make_example(inter["kind"], json.loads(inter["prompt"]), answer, source)
+                    candidate = make_example(inter["kind"], json.loads(inter["prompt"]), answer, source, tools=tools,
+                                             tool_calls=tool_calls if correction is not None else None)
+                except ToolCallError as e:
+                    raise InvalidInput(str(e), e.param) from None
                 except ValueError as e:
                     raise InvalidInput(f"cannot derive a training example from this feedback: {e}") from None
                 example, _ = self._insert_example(db, candidate)
@@ -421,6 +440,8 @@ class ReplayStore:
                     "correction": correction,
                     "comment": comment,
                     "example_id": example.id if example else None,
+                    "tool_calls": None if example is None or example.tool_calls is None or correction is None
+                    else json.dumps(example.tool_calls, ensure_ascii=False),
                 }
             )
             feedback_id = int(table.last_pk)
@@ -466,28 +487,34 @@ class ReplayStore:
             for start in range(0, len(interaction_ids), 500):  # SQLite's bound-parameter limit
                 chunk = interaction_ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
-                for row in db.query(f"SELECT interaction_id, id, created_at, rating, correction, comment, example_id "
-                                    f"FROM feedback WHERE interaction_id IN ({marks}) ORDER BY id", chunk):
+                for row in db.query(f"SELECT interaction_id, id, created_at, rating, correction, comment, example_id, "
+                                    f"tool_calls FROM feedback WHERE interaction_id IN ({marks}) ORDER BY id", chunk):
+                    calls = row.pop("tool_calls")
+                    if calls is not None:
+                        row["tool_calls"] = json.loads(calls)
                     out.setdefault(row.pop("interaction_id"), []).append(row)
         return out
 
     # ----------------------------------------------------------------------------------------- examples
 
-    def add_taught(self, prompt: list[dict] | str, answer: str) -> tuple[Example, bool]:
-        """A prompt with the answer it should get: a message list -> chat example, a string -> completion."""
-        return self._add("teach", self._kind_of(prompt), prompt, answer)
+    def add_taught(self, prompt: list[dict] | str, answer: str, *, tools: list[dict] | None = None,
+                   tool_calls: list[dict] | None = None) -> tuple[Example, bool]:
+        """A prompt with the answer it should get: a message list -> chat example, a string -> completion; a chat
+        prompt may offer `tools` and the answer call them (`tool_calls`, `answer` then the text before them)."""
+        return self._add("teach", self._kind_of(prompt), prompt, answer, tools=tools, tool_calls=tool_calls)
 
     def add_document(self, text: str) -> tuple[Example, bool]:
         """Plain text for continued pretraining."""
         return self._add("document", "document", None, text)
 
-    def add_examples(self, items: list[tuple[str, str, Any, str]]) -> list[tuple[Example, bool]]:
-        """Add many `(source, kind, prompt, answer)` examples in one transaction: all are stored or none (a dataset
-        import). Each is validated first; the first bad one raises `InvalidInput` naming its index."""
+    def add_examples(self, items: list[tuple]) -> list[tuple[Example, bool]]:
+        """Add many `(source, kind, prompt, answer)` examples (optionally a fifth item: `{"tools", "tool_calls"}`) in
+        one transaction: all are stored or none (a dataset import). Each is validated first; the first bad one
+        raises `InvalidInput` naming its index."""
         candidates = []
-        for i, (source, kind, prompt, answer) in enumerate(items):
+        for i, (source, kind, prompt, answer, *extra) in enumerate(items):
             try:
-                candidates.append(make_example(kind, prompt, answer, source))
+                candidates.append(make_example(kind, prompt, answer, source, **(extra[0] if extra else {})))
             except ValueError as e:
                 raise InvalidInput(f"example {i}: {e}") from None
         with self._write() as db:
@@ -505,9 +532,11 @@ class ReplayStore:
             return "completion"
         raise InvalidInput("prompt must be a list of chat messages or a string")
 
-    def _add(self, source: str, kind: str, prompt: Any, answer: str) -> tuple[Example, bool]:
+    def _add(self, source: str, kind: str, prompt: Any, answer: str, **tool_use: Any) -> tuple[Example, bool]:
         try:
-            candidate = make_example(kind, prompt, answer, source)
+            candidate = make_example(kind, prompt, answer, source, **tool_use)
+        except ToolCallError as e:
+            raise InvalidInput(str(e), e.param) from None
         except ValueError as e:
             raise InvalidInput(str(e)) from None
         with self._write() as db:
@@ -520,6 +549,8 @@ class ReplayStore:
             return self._example(rows[0]), False
         record = example.model_dump()
         record["prompt"] = None if example.prompt is None else json.dumps(example.prompt, ensure_ascii=False)
+        for key in ("tools", "tool_calls"):
+            record[key] = None if record[key] is None else json.dumps(record[key], ensure_ascii=False)
         db["examples"].insert(record)
         return example, True
 
@@ -557,7 +588,8 @@ class ReplayStore:
     @staticmethod
     def _example(row: dict) -> Example:
         prompt = None if row["prompt"] is None else json.loads(row["prompt"])
-        return Example.model_validate(dict(row, prompt=prompt))
+        tool_use = {k: json.loads(row[k]) for k in ("tools", "tool_calls") if row.get(k) is not None}
+        return Example.model_validate(dict(row, prompt=prompt, **tool_use))
 
     # ------------------------------------------------------------------------------------------ updates
 

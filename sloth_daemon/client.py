@@ -108,8 +108,12 @@ class _Ops:
         raise NotImplementedError
 
     def feedback(self, interaction_id: str, *, rating: str | None = None, correction: str | None = None,
-                 comment: str | None = None, timeout: float | None = None) -> Any:
-        fields = {"interaction_id": interaction_id, "rating": rating, "correction": correction, "comment": comment}
+                 comment: str | None = None, tool_calls: list[dict] | None = None,
+                 timeout: float | None = None) -> Any:
+        """`tool_calls`: a correction that calls tools the turn offered (OpenAI shape; `correction` is then the text
+        before the calls, if any)."""
+        fields = {"interaction_id": interaction_id, "rating": rating, "correction": correction, "comment": comment,
+                  "tool_calls": tool_calls}
         return self._call("feedback", {k: v for k, v in fields.items() if v is not None}, timeout)
 
     def teach(self, examples: list[dict] | None = None, documents: list[str] | None = None, *,

@@ -87,18 +87,33 @@ def prompt_key(kind: str, prompt: Any) -> str | None:
     return kind + "".join(f"\x00{m['role']}\x01{norm(m['content'])}" for m in prompt)
 
 
+def _offered_key(e: Any) -> str | None:
+    """`prompt_key` plus the names of the tools offered (the same words with other tools are another prompt)."""
+    key = prompt_key(e.kind, e.prompt)
+    tools = getattr(e, "tools", None)
+    if key is None or not tools:
+        return key
+    return key + "\x00tools\x01" + ",".join(sorted(t["function"]["name"] for t in tools))
+
+
+def _answer_key(e: Any) -> tuple:
+    """An answer as compared for contradictions: its text, and the calls it makes (name and arguments)."""
+    calls = getattr(e, "tool_calls", None) or ()
+    return e.answer.strip(), tuple((c["function"]["name"], c["function"]["arguments"]) for c in calls)
+
+
 def find_conflicts(new: list[Any], learnt: list[Any], anchors: list[Any]) -> dict[str, str]:
     """New examples that contradict an anchor or an earlier learnt example (same `prompt_key`, different answer):
     {new example id: reason naming the earlier example and its answer}."""
     earlier: dict[str, Any] = {}
     for e in [*anchors, *learnt]:
-        key = prompt_key(e.kind, e.prompt)
+        key = _offered_key(e)
         if key is not None:
             earlier.setdefault(key, e)
     out = {}
     for e in new:
-        old = earlier.get(prompt_key(e.kind, e.prompt) or "")
-        if old is not None and old.answer.strip() != e.answer.strip():
+        old = earlier.get(_offered_key(e) or "")
+        if old is not None and _answer_key(old) != _answer_key(e):
             if old.source == "anchor":
                 what, how = ("an anchor (the base model's own answer)",
                              "anchors are not replaced (forget this example to drop it)")

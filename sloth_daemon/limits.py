@@ -35,11 +35,16 @@ def _prompt_chars(prompt: Any) -> int:
     return sum(len(m.content if hasattr(m, "content") else m["content"]) for m in prompt)
 
 
+def _calls_chars(calls: list | None) -> int:
+    """An answer's tool calls count towards its length: their names and arguments."""
+    return sum(len(c.function.name) + len(c.function.arguments) for c in calls or ())
+
+
 def check_teach(body: TeachRequest, limits: LimitsConfig) -> None:
     for i, pair in enumerate(body.examples):
         if (n := _prompt_chars(pair.prompt)) > limits.max_prompt_chars:
             raise _too_long("prompt", f"examples.{i}.prompt", n, limits.max_prompt_chars, "max_prompt_chars")
-        if (n := len(pair.answer)) > limits.max_answer_chars:
+        if (n := len(pair.answer_text) + _calls_chars(pair.tool_calls)) > limits.max_answer_chars:
             raise _too_long("answer", f"examples.{i}.answer", n, limits.max_answer_chars, "max_answer_chars")
     for i, doc in enumerate(body.documents):
         if (n := len(doc)) > limits.max_document_chars:
@@ -47,5 +52,6 @@ def check_teach(body: TeachRequest, limits: LimitsConfig) -> None:
 
 
 def check_feedback(body: FeedbackRequest, limits: LimitsConfig) -> None:
-    if body.correction is not None and (n := len(body.correction)) > limits.max_answer_chars:
+    n = len(body.correction or "") + _calls_chars(body.tool_calls)
+    if n > limits.max_answer_chars:
         raise _too_long("correction", "correction", n, limits.max_answer_chars, "max_answer_chars")

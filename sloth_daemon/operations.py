@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from sloth_replay import InvalidInput, NotFound, UpdateAlreadyRunning
+from sloth_replay import InvalidInput, NotFound, ToolCallError, UpdateAlreadyRunning, make_example
 
 from .adapters import AdapterNotFound
 from .api.schemas import (
@@ -47,7 +47,7 @@ from .engine.base import AdapterLoadError, EngineError, InvalidParam, RequestToo
 from .limits import TooLarge, check_feedback, check_teach
 from .prompting import ChatTemplateError, check_example
 from .textcheck import invalid_text
-from .tool_calls import ToolUse
+from .tool_calls import ToolUse, check_answer_tools, detect
 from .turns import TurnDone
 from .updater import NothingToTrain
 
@@ -310,14 +310,20 @@ class Operations:
             check_feedback(body, self.daemon.cfg.limits)
         except TooLarge as e:
             raise OpError("too_large", str(e), param=e.param) from None
+        calls = body.correction_tool_calls()
+        tokenizer = getattr(self.daemon.engine, "tokenizer", None)
         try:
+            if calls is not None and tokenizer is not None and detect(tokenizer) is None:
+                check_answer_tools(tokenizer, None, calls)
             out = store.add_feedback(body.interaction_id, rating=body.rating, correction=body.correction,
-                                     comment=body.comment)
+                                     comment=body.comment, tool_calls=calls)
+        except ToolCallError as e:
+            raise OpError("invalid_request", str(e), param=e.param) from None
         except NotFound:
             raise OpError("not_found", f"no logged turn with id {body.interaction_id!r} (turns sent with store=false "
                           "are not logged)", param="interaction_id") from None
         except InvalidInput as e:
-            raise OpError("invalid_request", str(e)) from None
+            raise OpError("invalid_request", str(e), param=e.param) from None
         return {**out, "pending_examples": store.count_pending()}
 
     def teach(self, body: TeachRequest) -> dict:
@@ -333,7 +339,12 @@ class Operations:
         ids, added, chunks = [], 0, []
         for i, pair in enumerate(body.examples if tokenizer is not None else ()):  # all checked before any is stored
             try:
-                check_example(tokenizer, pair.kind, pair.as_prompt(), pair.answer)
+                tool_use = pair.tool_use()
+                check_answer_tools(tokenizer, **tool_use)
+                ex = make_example(pair.kind, pair.as_prompt(), pair.answer_text, "teach", **tool_use)
+                check_example(tokenizer, pair.kind, ex.prompt, ex.answer, ex.tools, ex.tool_calls)
+            except ToolCallError as e:
+                raise OpError("invalid_request", f"examples.{i}.{e}", param=f"examples.{i}.{e.param}") from None
             except ChatTemplateError as e:
                 raise OpError("invalid_request", f"examples.{i}.prompt: the chat template refused this example: {e}",
                               param=f"examples.{i}.prompt") from None
@@ -341,7 +352,7 @@ class Operations:
                 raise OpError("invalid_request", f"examples.{i}: {e}", param=f"examples.{i}") from None
         try:
             for pair in body.examples:
-                ex, created = store.add_taught(pair.as_prompt(), pair.answer)
+                ex, created = store.add_taught(pair.as_prompt(), pair.answer_text, **pair.tool_use())
                 ids.append(ex.id)
                 added += created
             for doc in body.documents:
@@ -353,7 +364,9 @@ class Operations:
                     ex, created = store.add_document(part)
                     ids.append(ex.id)
                     added += created
-        except (InvalidInput, ValueError) as e:
+        except InvalidInput as e:
+            raise OpError("invalid_request", str(e), param=e.param) from None
+        except ValueError as e:
             raise OpError("invalid_request", str(e)) from None
         return {"example_ids": ids, "added": added, "duplicates": len(ids) - added, "document_chunks": chunks,
                 "pending_examples": store.count_pending()}

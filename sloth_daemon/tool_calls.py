@@ -14,6 +14,9 @@ Contract:
 - `ToolFormat.guide(tools)` constrains generation to exactly one call of one of `tools` (pass one tool for a forced
   `tool_choice`), its arguments following the tool's `parameters` JSON schema (structured generation, the same
   `Guide` as JSON mode). Formats known only from a `response_template` cannot be forced (`can_force` is False).
+- `check_answer_tools(tokenizer, tools, tool_calls)`: an answer that is taught or given as a correction may offer
+  tools and call them only with a chat template that renders tools (`detect`), and only tools that were offered,
+  arguments a JSON object string; raises `sloth_replay.ToolCallError` naming the field.
 - `to_template_messages(messages)` gives chat templates what they expect: an assistant message's `tool_calls` with
   `arguments` as an object (OpenAI sends a JSON string).
 """
@@ -133,6 +136,20 @@ def detect(tokenizer: Any) -> ToolFormat | None:
     if "<tool_call>" in template:
         return HERMES
     return LLAMA3_JSON
+
+
+def check_answer_tools(tokenizer: Any, tools: list[dict] | None, tool_calls: list[dict] | None) -> None:
+    """See the module docstring."""
+    from sloth_replay.examples import ToolCallError, normalise_tool_calls
+
+    if tools is None and tool_calls is None:
+        return
+    if detect(tokenizer) is None:
+        param = "tools" if tools is not None else "tool_calls"
+        raise ToolCallError(param, "the model's chat template does not render tools, so it cannot learn to call "
+                                   "them (set a tool-aware chat template for this model)")
+    if tool_calls is not None:
+        normalise_tool_calls(tool_calls, tools)
 
 
 def to_template_messages(messages: list[dict]) -> list[dict]:

@@ -61,7 +61,8 @@ def _train_examples(examples: list[Any], made: dict[str, TrainExample] | None = 
     out = []
     for e in examples:
         if e.id not in made:
-            made[e.id] = TrainExample(id=e.id, kind=e.kind, prompt=e.prompt, answer=e.answer)
+            made[e.id] = TrainExample(id=e.id, kind=e.kind, prompt=e.prompt, answer=e.answer, tools=e.tools,
+                                       tool_calls=e.tool_calls)
         out.append(made[e.id])
     return out
 

@@ -288,25 +288,59 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs is not None, self.logprobs or 0
 
 
+class AnswerToolCall(_Lenient):
+    """A tool call given as an answer (teaching, a correction): OpenAI's shape, the `id` optional (not learnt)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     interaction_id: str = Field(min_length=1, description="the `id` of a chat/completion response")
     rating: Literal["up", "down"] | None = None
     correction: str | None = Field(None, min_length=1, description="the answer the model should have given")
+    tool_calls: list[AnswerToolCall] | None = Field(
+        None, min_length=1, description="a correction that calls tools (of those the turn offered); `correction` is "
+                                        "then the text before the calls, if any")
     comment: str | None = None
 
     @model_validator(mode="after")
     def _something(self) -> "FeedbackRequest":
-        if self.rating is None and self.correction is None:
-            raise ValueError("give a rating ('up' or 'down'), a correction, or both")
+        if self.rating is None and self.correction is None and self.tool_calls is None:
+            raise ValueError("give a rating ('up' or 'down'), a correction (text or tool_calls), or both")
         return self
+
+    def correction_tool_calls(self) -> list[dict] | None:
+        return None if self.tool_calls is None else [c.model_dump(exclude_none=True) for c in self.tool_calls]
 
 
 class TeachPair(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str | list[ChatMessage] = Field(description="a user message, or a whole conversation so far")
-    answer: str = Field(min_length=1)
+    answer: str | None = Field(None, min_length=1, description="the answer's text (before its tool calls, if any)")
+    tool_calls: list[AnswerToolCall] | None = Field(None, min_length=1, description="an answer that calls tools")
+    tools: list[Tool] | None = Field(None, min_length=1, description="the tools the prompt offers (OpenAI shape)")
     kind: Literal["chat", "completion"] = "chat"
+
+    @model_validator(mode="after")
+    def _an_answer(self) -> "TeachPair":
+        if self.answer is None and self.tool_calls is None:
+            raise ValueError("give an answer (text, tool_calls, or both)")
+        if self.kind == "completion" and (self.tools is not None or self.tool_calls is not None):
+            raise ValueError("tools and tool_calls need a chat example")
+        return self
+
+    @property
+    def answer_text(self) -> str:
+        return self.answer or ""
+
+    def tool_use(self) -> dict:
+        """`tools` and `tool_calls` as plain dicts, for `make_example` / `ReplayStore.add_taught`."""
+        return {"tools": None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools],
+                "tool_calls": None if self.tool_calls is None else [c.model_dump(exclude_none=True)
+                                                                    for c in self.tool_calls]}
 
     @field_validator("prompt")
     @classmethod
@@ -322,7 +356,7 @@ class TeachPair(BaseModel):
             return self.prompt
         if isinstance(self.prompt, str):
             return [{"role": "user", "content": self.prompt}]
-        return [{"role": m.role, "content": m.content} for m in self.prompt]
+        return [{**m.as_dict(), "role": m.role} for m in self.prompt]  # tool calls and results in the history kept
 
 
 class TeachRequest(BaseModel):

@@ -14,7 +14,8 @@ Contract:
                     the daemon's sampling defaults and the end-of-turn stop token.
   `out` must not exist or be empty. Raises `ExportError` with a readable message.
 - `export_examples(examples, fp)` writes one JSON object per example: chat -> `{"messages": prompt + [assistant
-  answer]}` (OpenAI chat fine-tuning rows), completion -> `{"prompt", "completion"}`, document -> `{"text"}`;
+  answer]}` (OpenAI chat fine-tuning rows; an answer that calls tools is an assistant message with `tool_calls`,
+  and the tools the prompt offered are the row's `tools`), completion -> `{"prompt", "completion"}`, document -> `{"text"}`;
   importing that file gives back the same examples (same content hashes). Returns the number written.
 """
 
@@ -35,7 +36,14 @@ class ExportError(RuntimeError):
 def example_row(ex: Any) -> dict:
     """One stored example as the dataset row that imports back to it."""
     if ex.kind == "chat":
-        return {"messages": [*ex.prompt, {"role": "assistant", "content": ex.answer}]}
+        answer: dict[str, Any] = {"role": "assistant", "content": ex.answer}
+        if getattr(ex, "tool_calls", None):
+            answer = {"role": "assistant", "content": ex.answer or None,
+                      "tool_calls": [{"id": f"call_{j}", **c} for j, c in enumerate(ex.tool_calls)]}
+        row: dict[str, Any] = {"messages": [*ex.prompt, answer]}
+        if getattr(ex, "tools", None):
+            row["tools"] = ex.tools
+        return row
     if ex.kind == "completion":
         return {"prompt": ex.prompt, "completion": ex.answer}
     return {"text": ex.answer}

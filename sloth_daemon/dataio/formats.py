@@ -2,9 +2,11 @@
 
 Formats (one JSON object per line, JSONL; `detect` picks one from the row's keys, or the caller names it):
 - `openai`: OpenAI chat fine-tuning rows, `{"messages": [{"role", "content", ...}, ...]}` (platform.openai.com/docs/
-  guides/fine-tuning). The last message must be the assistant's answer (text); everything before it is the prompt,
-  tool calls included: an assistant message may carry `tool_calls` (content may then be null) and a `tool` message
-  its `tool_call_id`. Other row keys (`weight`, `tools`, `parallel_tool_calls`) are ignored.
+  guides/fine-tuning). The last message must be the assistant's answer: text, or `tool_calls` (content may then be
+  null or text before the calls) of the row's `tools` (OpenAI shape), which the prompt offers (rendered by the chat
+  template as serving does); everything before it is the prompt, tool calls included: an assistant message may
+  carry `tool_calls` and a `tool` message its `tool_call_id`. Other row keys (`weight`, `parallel_tool_calls`) are
+  ignored.
 - `sharegpt`: `{"conversations": [{"from": "system"|"human"|"gpt"|..., "value": str}]}` (the ShareGPT/Vicuna
   layout Unsloth and axolotl read): `human`/`user` -> user, `gpt`/`assistant` -> assistant, `system`, and
   `tool`/`observation` -> tool; the last turn must be `gpt`.
@@ -15,7 +17,8 @@ Formats (one JSON object per line, JSONL; `detect` picks one from the row's keys
 - `text`: `{"text": str}` rows, or a whole plain-text file: documents for continued pretraining (split into chunks
   that fit `train.max_seq_len` by `chunking.split_document`, never cut).
 
-`parse_row(obj, fmt, line)` returns a `Row` (`kind` chat/completion/document, `prompt`, `answer`) or raises `RowError` whose
+`parse_row(obj, fmt, line)` returns a `Row` (`kind` chat/completion/document, `prompt`, `answer`, and for OpenAI
+rows with tools `tools` and the answer's `tool_calls`) or raises `RowError` whose
 `line` and `field` (dotted, e.g. `messages.2.role`) say where; its message names both.
 """
 
@@ -54,6 +57,8 @@ class Row:
     kind: Literal["chat", "completion", "document"]
     prompt: list[dict] | str | None
     answer: str
+    tools: list[dict] | None = None       # OpenAI tools the prompt offers (openai rows with `tools`)
+    tool_calls: list[dict] | None = None  # the answer's tool calls (`answer` is then the text before them)
 
 
 def detect(obj: Any) -> str | None:
@@ -140,16 +145,28 @@ def _openai_messages(messages: Any, line: int, field: str = "messages") -> list[
     return out
 
 
-def _chat_row(messages: list[dict], line: int, field: str) -> Row:
+def _tools(value: Any, line: int) -> list[dict] | None:
+    if value is None:
+        return None
+    for _j, f, tool in _objects(value, line, "tools", "tools"):
+        fn = tool.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RowError(line, f"{f}.function.name", "must be a non-empty string")
+    return value
+
+
+def _chat_row(messages: list[dict], line: int, field: str, tools: list[dict] | None = None) -> Row:
     last = messages[-1]
+    where = f"{field}.{len(messages) - 1}"
     if last["role"] != "assistant":
-        raise RowError(line, f"{field}.{len(messages) - 1}.role", "the last message must be the assistant's answer")
-    if last.get("tool_calls") or not last["content"].strip():
-        raise RowError(line, f"{field}.{len(messages) - 1}.content",
-                       "the answer must be text (tool calls belong in earlier messages)")
+        raise RowError(line, f"{where}.role", "the last message must be the assistant's answer")
+    if last.get("tool_calls") and not tools:
+        raise RowError(line, f"{where}.tool_calls", "an answer that calls tools needs the row's 'tools'")
+    if not last.get("tool_calls") and not last["content"].strip():
+        raise RowError(line, f"{where}.content", "the answer must not be empty")
     if len(messages) < 2:
         raise RowError(line, field, "needs at least one message before the assistant's answer")
-    return Row(line, "chat", messages[:-1], last["content"])
+    return Row(line, "chat", messages[:-1], last["content"], tools, last.get("tool_calls"))
 
 
 def parse_row(obj: Any, fmt: str, line: int) -> Row:
@@ -162,7 +179,7 @@ def parse_row(obj: Any, fmt: str, line: int) -> Row:
             raise RowError(line, None, "unknown row format: expected 'messages' (OpenAI chat), 'conversations' "
                            "(ShareGPT), 'instruction'/'output' (Alpaca), 'prompt'/'completion' or 'text'")
     if fmt == "openai":
-        return _chat_row(_openai_messages(obj.get("messages"), line), line, "messages")
+        return _chat_row(_openai_messages(obj.get("messages"), line), line, "messages", _tools(obj.get("tools"), line))
     if fmt == "sharegpt":
         messages = []
         for _i, f, t in _objects(obj.get("conversations"), line, "conversations", "turns with 'from' and 'value'"):

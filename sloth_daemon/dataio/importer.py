@@ -10,6 +10,9 @@ Contract:
   stored (the caller raises); with `skip_invalid` the bad rows are reported and the rest stored.
 - Chat and completion rows become `teach` examples, documents and `text` rows `document` examples. Duplicates (within the file or
   of stored examples) are stored once: the store deduplicates by content hash.
+- OpenAI rows with `tools` keep them (and an answer's `tool_calls`) when the chat template renders tools
+  (`tool_calls.check_answer_tools`); otherwise, or when a call names a tool the row does not offer, the row is an
+  error naming the field.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from sloth_replay import make_example
+from sloth_replay import ToolCallError, make_example
+
+from ..tool_calls import check_answer_tools
 
 from .chunking import split_document
 from .formats import RowError, parse_row
@@ -35,7 +40,7 @@ class ImportRequest(BaseModel):
 
 @dataclass
 class ImportPlan:
-    examples: list[tuple[str, str, Any, str]] = field(default_factory=list)  # (source, kind, prompt, answer)
+    examples: list[tuple] = field(default_factory=list)  # (source, kind, prompt, answer[, {tools, tool_calls}])
     errors: list[RowError] = field(default_factory=list)
     rows: int = 0          # rows and documents read
     chunks: int = 0        # document chunks made (a short document is one chunk)
@@ -52,10 +57,17 @@ def plan_import(req: ImportRequest, tokenizer: Any, max_seq_len: int) -> ImportP
             if row.kind == "document":
                 docs.append((line, row.answer))
                 continue
-            make_example(row.kind, row.prompt, row.answer, "teach")  # the store's own validation, before storing
-            plan.examples.append(("teach", row.kind, row.prompt, row.answer))
+            tool_use = {"tools": row.tools, "tool_calls": row.tool_calls}
+            if row.tools is not None:
+                check_answer_tools(tokenizer, row.tools, row.tool_calls)
+            # the store's own validation, before storing
+            make_example(row.kind, row.prompt, row.answer, "teach", **tool_use)
+            plan.examples.append(("teach", row.kind, row.prompt, row.answer, tool_use))
         except RowError as e:
             plan.errors.append(e)
+        except ToolCallError as e:
+            field_ = "tools" if e.param == "tools" else f"messages.{len(row.prompt)}.{e.param}"
+            plan.errors.append(RowError(line, field_, str(e).split(": ", 1)[1]))
         except ValueError as e:
             plan.errors.append(RowError(line, None, str(e)))
     for i, text in enumerate(req.documents):

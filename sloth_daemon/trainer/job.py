@@ -21,6 +21,8 @@ class TrainExample(BaseModel):
     kind: Literal["chat", "completion", "document"]
     prompt: list[dict] | str | None = None
     answer: str
+    tools: list[dict] | None = None       # OpenAI tools the chat prompt offered (rendered by the template)
+    tool_calls: list[dict] | None = None  # the answer's tool calls (`answer` is then the text before them)
 
 
 class LoraSpec(BaseModel):

@@ -83,7 +83,7 @@ def drop_unrenderable(job: TrainJob, tokenizer: Any, emit: Emit) -> None:
     refused: dict[str, str] = {}
     for ex in job.examples.values():  # each example once, however many batches repeat it
         try:
-            check_example(tokenizer, ex.kind, ex.prompt, ex.answer)
+            check_example(tokenizer, ex.kind, ex.prompt, ex.answer, ex.tools, ex.tool_calls)
         except ChatTemplateError as e:
             refused[ex.id] = str(e)
     if refused:
@@ -95,7 +95,7 @@ def drop_unrenderable(job: TrainJob, tokenizer: Any, emit: Emit) -> None:
 def collate(tokenizer: Any, examples: list[TrainExample], max_len: int, device: torch.device) -> dict[str, torch.Tensor]:
     """`examples` as one right-padded batch: input_ids, labels (-100 on prompt and padding) and attention_mask,
     each int64 of shape (len(examples), longest example in tokens, at most `max_len`), on `device`."""
-    pairs = [encode_example(tokenizer, e.kind, e.prompt, e.answer, max_len) for e in examples]
+    pairs = [encode_example(tokenizer, e.kind, e.prompt, e.answer, max_len, e.tools, e.tool_calls) for e in examples]
     return collate_encoded(pairs, _pad_id(tokenizer), device)
 
 
@@ -128,7 +128,8 @@ class StepInputs:
 
     def __init__(self, tokenizer: Any, job: TrainJob, device: torch.device):
         self.pad, self.device, self.job = _pad_id(tokenizer), device, job
-        encoded = {i: encode_example(tokenizer, e.kind, e.prompt, e.answer, job.max_seq_len)
+        encoded = {i: encode_example(tokenizer, e.kind, e.prompt, e.answer, job.max_seq_len,
+                                  e.tools, e.tool_calls)
                    for i, e in job.examples.items()}
         self.groups: list[list[tuple[list[int], list[int]]]] = []
         tokens = 0
