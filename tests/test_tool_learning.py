@@ -135,10 +135,14 @@ def test_store_keeps_tools_migrates_and_exports_losslessly(tmp_path, tiny_model)
 
 # -- a real daemon, a real update ---------------------------------------------------------------------------------
 
-ENV = {"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_ANCHORS_ENABLED": "false", "SLOTH_TRAIN_STEPS": "40",
-       "SLOTH_TRAIN_LEARNING_RATE": "3e-3", "SLOTH_TRAIN_WARM": "false"}
-PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
-TOKYO = [{"role": "user", "content": "What time is it in Tokyo?"}]
+# Few steps at a high rate: enough for the tiny model to give two taught calls exactly; short tool definitions keep
+# the prompts (the template writes the tools into them) short.
+ENV = {"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_ANCHORS_ENABLED": "false", "SLOTH_TRAIN_STEPS": "60",
+       "SLOTH_TRAIN_BATCH_SIZE": "2", "SLOTH_TRAIN_LEARNING_RATE": "3e-3", "SLOTH_TRAIN_WARM": "false"}
+PARIS = [{"role": "user", "content": "Weather in Paris?"}]
+TOKYO = [{"role": "user", "content": "Time in Tokyo?"}]
+SHORT = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
 
 
 def test_a_corrected_tool_call_is_learnt(tiny_model, tmp_path):
@@ -146,7 +150,7 @@ def test_a_corrected_tool_call_is_learnt(tiny_model, tmp_path):
     daemon = DaemonProcess(tmp_path / "state", env=ENV, args=["--model", str(model)]).start()
     try:
         client = OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
-        first = client.chat.completions.create(model="sloth-tiny", messages=PARIS, tools=TOOLS, temperature=0,
+        first = client.chat.completions.create(model="sloth-tiny", messages=PARIS, tools=SHORT, temperature=0,
                                                max_tokens=24)
         assert first.choices[0].finish_reason != "tool_calls"  # not learnt yet
         plain = client.chat.completions.create(model="sloth-tiny", messages=PARIS, temperature=0, max_tokens=4)
@@ -163,35 +167,35 @@ def test_a_corrected_tool_call_is_learnt(tiny_model, tmp_path):
                 "tool_calls.0.function.arguments")
             bad("/sloth/feedback", {"interaction_id": plain.id, "tool_calls": fix}, "tool_calls")  # offered none
             bad("/sloth/teach", {"examples": [{"prompt": PARIS, "tool_calls": fix}]}, "examples.0.tool_calls")
-            bad("/sloth/teach", {"examples": [{"prompt": PARIS, "tools": TOOLS, "tool_calls": [
+            bad("/sloth/teach", {"examples": [{"prompt": PARIS, "tools": SHORT, "tool_calls": [
                 {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}]},
                 "examples.0.tool_calls.0.function.arguments")
-            bad("/sloth/teach", {"examples": [{"prompt": PARIS, "tools": TOOLS, "tool_calls": [
+            bad("/sloth/teach", {"examples": [{"prompt": PARIS, "tools": SHORT, "tool_calls": [
                 call("get_time", "[]")]}]}, "examples.0.tool_calls.0.function.arguments")
             assert http.get("/sloth/status").json()["pending_examples"] == 0  # nothing of it was stored
 
             fb = http.post("/sloth/feedback", json={"interaction_id": first.id, "tool_calls": fix})
             assert fb.status_code == 200, fb.text
             (turn,) = [t for t in http.get("/sloth/interactions").json()["data"] if t["id"] == first.id]
-            assert turn["params"]["tools"] == TOOLS  # what learning needs was logged
+            assert turn["params"]["tools"] == SHORT  # what learning needs was logged
             assert turn["feedback"][0]["tool_calls"][0]["function"]["name"] == "get_weather"
         with ReplayStore.open_readonly(daemon.state_dir / "replay.db") as store:
             ex = store.get_example(fb.json()["example_id"])
-        assert ex.source == "correction" and ex.tools == TOOLS and ex.answer == ""
+        assert ex.source == "correction" and ex.tools == SHORT and ex.answer == ""
         assert ex.tool_calls == [{"type": "function", "function": {"name": "get_weather",
                                                                    "arguments": '{"city": "Paris"}'}}]
 
         with SlothClient(resolve_addresses("auto", daemon.state_dir)[0], timeout=120) as z:
-            taught = z.teach([{"prompt": TOKYO, "tools": TOOLS, "tool_calls": [call("get_time", {"zone": "Tokyo"})]}])
+            taught = z.teach([{"prompt": TOKYO, "tools": SHORT, "tool_calls": [call("get_time", {"zone": "Tokyo"})]}])
             assert taught["added"] == 1
             update = daemon.wait_update(z.trigger_update()["update_id"])
         assert update["status"] == "promoted", (update, daemon.log())
 
         for prompt, name, args in ((PARIS, "get_weather", {"city": "Paris"}), (TOKYO, "get_time", {"zone": "Tokyo"})):
-            r = client.chat.completions.create(model="sloth-tiny", messages=prompt, tools=TOOLS, temperature=0,
-                                               max_tokens=64)
+            r = client.chat.completions.create(model="sloth-tiny", messages=prompt, tools=SHORT, temperature=0,
+                                               max_tokens=120)  # byte-level tokens: the call is ~70
             choice = r.choices[0]
-            assert choice.finish_reason == "tool_calls", choice
+            assert choice.finish_reason == "tool_calls", (choice, update["metrics"].get("train"))
             assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == \
                 [(name, args)]
     finally:
