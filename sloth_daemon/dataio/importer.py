@@ -62,7 +62,8 @@ def plan_import(req: ImportRequest, tokenizer: Any, max_seq_len: int) -> ImportP
                 check_answer_tools(tokenizer, row.tools, row.tool_calls)
             # the store's own validation, before storing
             make_example(row.kind, row.prompt, row.answer, "teach", **tool_use)
-            plan.examples.append(("teach", row.kind, row.prompt, row.answer, tool_use))
+            plan.examples.append(("teach", row.kind, row.prompt, row.answer)
+                                 + ((tool_use,) if row.tools is not None else ()))
         except RowError as e:
             plan.errors.append(e)
         except ToolCallError as e:
