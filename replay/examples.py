@@ -198,7 +198,8 @@ def make_example(
     if source not in EXAMPLE_SOURCES:
         raise ValueError(f"unknown example source {source!r}; expected one of {', '.join(EXAMPLE_SOURCES)}")
     if (tools is not None or tool_calls is not None) and kind != "chat":
-        raise ToolCallError("tools" if tools is not None else "tool_calls", "only chat examples can offer or call tools")
+        raise ToolCallError("tools" if tools is not None else "tool_calls",
+                            "only chat examples can offer or call tools")
     if tools is not None:
         tools = normalise_tools(tools)
     if tool_calls is not None:

@@ -46,7 +46,8 @@ def test_example_ids_unchanged_without_tools_and_distinct_with_them():
                                                      sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert plain.content_hash == legacy and plain.tools is None and plain.tool_calls is None
     offered = make_example("chat", prompt, "Sunny.", "teach", tools=TOOLS)
-    calling = make_example("chat", prompt, "", "teach", tools=TOOLS, tool_calls=[call("get_weather", {"city": "Paris"})])
+    calling = make_example("chat", prompt, "", "teach", tools=TOOLS,
+                           tool_calls=[call("get_weather", {"city": "Paris"})])
     assert len({plain.id, offered.id, calling.id}) == 3
     # call ids are random per response: two calls that differ only in id are one example
     again = make_example("chat", prompt, "", "teach", tools=TOOLS,
