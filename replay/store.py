@@ -234,6 +234,13 @@ class ReplayStore:
         with self._read() as db:
             return current_version(db)
 
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long the next statements wait for another connection's lock before SQLite gives up with
+        `sqlite3.OperationalError` ("database is locked"); the default is `BUSY_TIMEOUT_S`."""
+        with self._lock:
+            self._check_open()
+            self._db.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:
@@ -383,7 +390,8 @@ class ReplayStore:
           offered tools, and the example carries the tools the turn offered (as every example derived from a turn
           that offered tools does, so the prompt is trained as it was served);
         - "up" alone -> the turn's latest correction if it has one (an "up" after a fix endorses the fix, it does
-          not add the bad answer), else the logged response (source "rated_up");
+          not add the bad answer), else the logged response (source "rated_up"; none when that response is empty:
+          the rating is kept, there is nothing to learn);
         - "down" alone -> none, and it takes back an earlier "up" of the logged response (a correction stays: the
           answer it replaced was the bad one).
         Examples that earlier feedback on this turn derived and that this one replaces (a correction or an "up":
@@ -429,8 +437,11 @@ class ReplayStore:
                 except ToolCallError as e:
                     raise InvalidInput(str(e), e.param) from None
                 except ValueError as e:
-                    raise InvalidInput(f"cannot derive a training example from this feedback: {e}") from None
-                example, _ = self._insert_example(db, candidate)
+                    if correction is not None:
+                        raise InvalidInput(f"cannot derive a training example from this feedback: {e}") from None
+                    candidate = None  # a thumbs-up on an empty answer: the rating is kept, there is nothing to learn
+                if candidate is not None:
+                    example, _ = self._insert_example(db, candidate)
             table = db["feedback"]
             table.insert(
                 {

@@ -21,13 +21,16 @@ import json
 import logging
 from importlib import resources
 from pathlib import Path
-
-from sloth_replay import ReplayStore
+from typing import TYPE_CHECKING
 
 from .engine.base import Engine, Finished, GenerationRequest, SamplingParams
 from .prompting import ChatTemplateError
 
+if TYPE_CHECKING:
+    from .store_worker import StoreWorker
+
 log = logging.getLogger(__name__)
+ANCHOR_PATIENCE_S = 60.0  # no client waits on an anchor write: it may wait out another process's lock
 
 
 def probe_prompts() -> list[str]:
@@ -42,8 +45,13 @@ def builtin_anchors(model_path: Path | None) -> list[tuple[str, str]]:
     return builtin_qa() if info and info.get("taught") else []
 
 
-async def ensure_anchors(store: ReplayStore, engine: Engine, max_tokens: int, model_path: Path | None = None) -> int:
-    if store.count_anchors() > 0:
+async def _add_anchor(store: "StoreWorker", messages: list[dict], answer: str) -> int:
+    """1 if the anchor was new, else 0 (on the store's writer thread)."""
+    return (await store.write(lambda s: s.add_anchor(messages, answer), patience_s=ANCHOR_PATIENCE_S))[1]
+
+
+async def ensure_anchors(store: "StoreWorker", engine: Engine, max_tokens: int, model_path: Path | None = None) -> int:
+    if await store.read(lambda s: s.count_anchors()) > 0:
         return 0
     if engine.current_adapter is not None:
         log.warning("no anchor examples and an adapter is being served: anchors not generated")
@@ -65,9 +73,9 @@ async def ensure_anchors(store: ReplayStore, engine: Engine, max_tokens: int, mo
         if done.finish_reason != "stop":
             cut += 1
             continue
-        added += store.add_anchor(messages, done.text)[1]
+        added += await _add_anchor(store, messages, done.text)
     for question, answer in builtin_anchors(model_path):
-        added += store.add_anchor([{"role": "user", "content": question}], answer)[1]
+        added += await _add_anchor(store, [{"role": "user", "content": question}], answer)
     log.info("anchors: %d from the base model (%d probe answers longer than %d tokens left out)", added, cut,
              max_tokens)
     return added

@@ -196,6 +196,21 @@ class DaemonConfig(_Section):
     )
     zmq_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger ZeroMQ requests are refused")
     zmq_max_inflight: int = Field(16, ge=1, description="requests one ZeroMQ client may have running at once")
+    max_queued_requests: int = Field(
+        64, ge=1, description="generation requests queued or running on the engine at once (HTTP and ZeroMQ "
+        "together); more are refused with HTTP 429 / ZeroMQ busy")
+    http_header_timeout_s: float = Field(10, gt=0, description="an HTTP client must send its request head within this")
+    http_body_timeout_s: float = Field(30, gt=0, description="... and its body within this (else 408)")
+    http_keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive HTTP connection is closed after this")
+    idempotency_window_s: float = Field(
+        600, ge=0, description="a generation request retried with the same Idempotency-Key header (ZeroMQ: the same "
+        "id) within this long gets the first answer again; 0 = off")
+    store_busy_timeout_s: float = Field(
+        2.0, gt=0, description="a replay-store call waits at most this long for SQLite's lock, then fails with 503 "
+        "(answered turns go to the journal instead)")
+    umask: str = Field(
+        "0077", pattern=r"^0?[0-7]{3}$", description="the daemon's file-creation mask (octal); the state dir and "
+        "the store's files are tightened to it at start (the systemd unit sets 0027: group may read)")
     state_dir: Path = Field(Path("./sloth-state"), validate_default=True)
     model: str | None = Field(None, description="local Hugging Face model folder; unset = built-in tiny model")
     served_model_name: str | None = Field(None, description="name in /v1/models; default: the model folder's name")
@@ -252,6 +267,11 @@ class DaemonConfig(_Section):
                         "://" not in origin or origin.endswith("/") or origin.count("/") > 2):
                     raise ValueError(f"{origin!r}: an origin is scheme://host[:port] with no path (or '*')")
         return v
+
+    @field_validator("umask", mode="before")
+    @classmethod
+    def _umask_text(cls, v: Any) -> Any:
+        return f"{v:03d}" if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("zmq")
     @classmethod

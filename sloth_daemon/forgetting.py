@@ -11,7 +11,9 @@ Contract (`forget`):
    tainted version is served until the rebuild is promoted), or serves the base model when nothing remains. A crash
    before or during the rebuild leaves the served version tainted, and start-up starts the rebuild again.
 Returns the store's result plus `stopped_update` (id or None) and `rebuild` ({update_id, status} or None).
-Raises the store's `NotFound` / `InvalidInput`, or `UpdateAlreadyRunning` if an update would not stop.
+Raises the store's `NotFound` / `InvalidInput`, `store_worker.StoreBusy` while another process holds the store's
+lock, or `UpdateAlreadyRunning` if an update would not stop. Store calls run on the store worker's threads, the
+registry's file I/O in worker threads.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from sloth_replay import UpdateAlreadyRunning
 from sloth_replay import forgetting as store_forgetting
 
 if TYPE_CHECKING:
-    from sloth_replay import ReplayStore
-
     from .adapters import AdapterRegistry
+    from .store_worker import StoreWorker
     from .updater import Updater
 
 log = logging.getLogger(__name__)
@@ -34,31 +35,32 @@ log = logging.getLogger(__name__)
 STOP_REASON = "stopped: a forget request deletes training data (the examples it had not learnt are pending again)"
 
 
-def mark_tainted(store: "ReplayStore", registry: "AdapterRegistry") -> list[str]:
+async def mark_tainted(store: "StoreWorker", registry: "AdapterRegistry") -> list[str]:
     """Mirror the store's tainted versions into the registry; returns the versions newly marked."""
-    marked = registry.mark_tainted(store_forgetting.tainted_adapters(store))
+    tainted = await store.read(store_forgetting.tainted_adapters, patience_s=60.0)
+    marked = await asyncio.to_thread(registry.mark_tainted, tainted)
     if marked:
         log.warning("forgetting: %s trained on forgotten data: marked tainted", ", ".join(marked))
     return marked
 
 
-async def forget(updater: "Updater", store: "ReplayStore", registry: "AdapterRegistry", selection: dict[str, Any]
+async def forget(updater: "Updater", store: "StoreWorker", registry: "AdapterRegistry", selection: dict[str, Any]
                  ) -> dict:
     """Forget `selection` (keyword arguments of `sloth_replay.forgetting.forget`); see the module docstring."""
     stopped = None
     for attempt in range(3):
-        running = store.running_update()
+        running = await store.read(lambda s: s.running_update())
         if running is not None:
             stopped = running["id"]
             await updater.stop(STOP_REASON)
         try:
-            out = await asyncio.to_thread(store_forgetting.forget, store, **selection)
+            out = await store.write(lambda s: store_forgetting.forget(s, **selection))
             break
         except UpdateAlreadyRunning:  # one was past training and still finishing, or the scheduler started one
             if attempt == 2:
                 raise
             await asyncio.sleep(1.0)
-    mark_tainted(store, registry)
+    await mark_tainted(store, registry)
     log.info("forgetting: request %d deleted %d example(s), %d feedback, %d turn(s); tainted: %s", out["forget_id"],
              out["examples"], out["feedback"], out["interactions"], ", ".join(out["tainted"]) or "none")
     return {**out, "stopped_update": stopped, "rebuild": await updater.rebuild_if_needed("forget")}

@@ -5,7 +5,8 @@ Contract:
   process do not collide). Front ends report what they see through `observe_http`, `turn_started`/`turn_first_token`
   /`turn_done`/`turn_ended`; everything about the daemon's state (pending examples, served version, updates, the
   last update's measurements) is read from its parts at scrape time, so it is never stale and costs nothing between
-  scrapes. `render()` returns `(body bytes, content type)`.
+  scrapes. The replay store's figures are read first by the caller, on the store's reader thread
+  (`store_figures(store)`), and handed to `render(figures)`, which returns `(body bytes, content type)`.
 - Names follow https://prometheus.io/docs/practices/naming/: a `sloth_` prefix, base units (`_seconds`), `_total`
   for counters, `_info` for a constant-1 gauge whose labels carry the value.
 
@@ -19,6 +20,10 @@ Series (labels in braces):
     sloth_requests_in_flight                                  gauge    generations started and not yet ended
     sloth_requests_queued                                     gauge    of those, the ones still waiting for a first token
     sloth_pending_examples                                    gauge    training examples waiting for an update
+    sloth_journaled_turns                                     gauge    answered turns waiting in the journal for the store
+    sloth_admission_limit                                     gauge    max_queued_requests: the bound on queued + running
+    sloth_admission_in_flight                                 gauge    generation requests holding an admission ticket
+    sloth_admission_refused_total                             counter  generation requests refused (HTTP 429, ZeroMQ busy)
     sloth_served_adapter_info{version}                        gauge    1; version "base" = no adapter
     sloth_updates_total{outcome}                              counter  finished updates: promoted | rejected | failed
     sloth_update_running                                      gauge    1 while an update runs
@@ -59,24 +64,46 @@ def _label(version: str | None) -> str:
     return version or "base"
 
 
+def store_figures(store: Any) -> dict[str, Any]:
+    """What the metrics read from the replay store (`ReplayStore`), in one call on the store's reader thread."""
+    return {"pending": store.count_pending(), "updates": store.stats()["updates"],
+            "recent_updates": store.list_updates(limit=10)}
+
+
 class _StateCollector(Collector):
     """Reads the daemon's state at scrape time."""
 
     def __init__(self, parts: "DaemonParts"):
         self.parts = parts
+        self.figures: dict[str, Any] | None = None  # `store_figures`, set by `DaemonMetrics.render`
 
     def collect(self) -> Iterator[Any]:
-        d = self.parts
-        if not hasattr(d, "store") or not hasattr(d, "engine"):  # not started yet: nothing to say
+        d, figures = self.parts, self.figures
+        if figures is None or not hasattr(d, "engine"):  # not started yet: nothing to say
             return
         g = GaugeMetricFamily("sloth_pending_examples", "Training examples waiting for an update")
-        g.add_metric([], d.store.count_pending())
+        g.add_metric([], figures["pending"])
         yield g
+        g = GaugeMetricFamily("sloth_journaled_turns", "Answered turns waiting in the journal for the replay store")
+        g.add_metric([], len(d.store.journal.pending_ids))
+        yield g
+        admission = d.admission.snapshot()
+        g = GaugeMetricFamily("sloth_admission_limit", "The bound on generation requests queued or running "
+                              "(max_queued_requests)")
+        g.add_metric([], admission["limit"])
+        yield g
+        g = GaugeMetricFamily("sloth_admission_in_flight", "Generation requests queued or running (admitted)")
+        g.add_metric([], admission["in_flight"])
+        yield g
+        c = CounterMetricFamily("sloth_admission_refused", "Generation requests refused by admission control "
+                                "(HTTP 429, ZeroMQ busy)")
+        c.add_metric([], admission["refused_total"])
+        yield c
         g = GaugeMetricFamily("sloth_served_adapter_info", "The adapter version being served (base = none)",
                               labels=["version"])
         g.add_metric([_label(d.engine.current_adapter)], 1)
         yield g
-        stats = d.store.stats()["updates"]
+        stats = figures["updates"]
         c = CounterMetricFamily("sloth_updates", "Finished updates by outcome", labels=["outcome"])
         for outcome in ("promoted", "rejected", "failed"):
             c.add_metric([outcome], stats.get(outcome, 0))
@@ -88,11 +115,11 @@ class _StateCollector(Collector):
         g = GaugeMetricFamily("sloth_update_progress_ratio", "The running update's step / steps (0 when none)")
         g.add_metric([], float(progress["progress"]) if progress else 0.0)
         yield g
-        yield from self._last_update(d)
+        yield from self._last_update(figures["recent_updates"])
 
     @staticmethod
-    def _last_update(d: "DaemonParts") -> Iterator[Any]:
-        last = next((u for u in d.store.list_updates(limit=10) if u["status"] != "running"), None)
+    def _last_update(recent: list[dict]) -> Iterator[Any]:
+        last = next((u for u in recent if u["status"] != "running"), None)
         if last is None:
             return
         metrics = last.get("metrics") or {}
@@ -149,7 +176,8 @@ class DaemonMetrics:
         self.in_flight = Gauge("sloth_requests_in_flight", "Generations started and not yet ended", registry=r)
         self.queued = Gauge("sloth_requests_queued", "Generations waiting for their first token", registry=r)
         self._lock = threading.Lock()
-        r.register(_StateCollector(parts))
+        self._state = _StateCollector(parts)
+        r.register(self._state)
 
     # -- observed by the front ends -------------------------------------------------------------------------------
     def observe_http(self, route: str, status: int, seconds: float, adapter_version: str | None) -> None:
@@ -178,5 +206,11 @@ class DaemonMetrics:
         if not got_first_token:
             self.queued.dec()
 
-    def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self, figures: dict[str, Any]) -> tuple[bytes, str]:
+        """The exposition, with `figures` (`store_figures`) as the store's state."""
+        with self._lock:  # one scrape at a time: the collector reads the figures of its own scrape
+            self._state.figures = figures
+            try:
+                return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            finally:
+                self._state.figures = None

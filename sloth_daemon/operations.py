@@ -12,17 +12,23 @@ Contract:
   (HTTP, ZeroMQ, CLI, page) depend on this module only, never on `service.py` that assembles them (no import cycle).
 - Every operation first refuses text that is not valid Unicode (`check_text`: a lone surrogate) with an
   `invalid_request` naming the field, so such text never reaches the tokenizer, the store or a reply.
-- Generation: `prepare_chat`/`prepare_completion` check the model name and limits *before* any work and return a
-  `Turn`; `run(turn, transport=...)` streams `TextDelta`s then one `TurnDone` through `TurnService` (so both front
-  ends log to the replay store the same way, with their transport name, and honour `store: false`).
+- Generation: `await prepare_chat`/`prepare_completion` check the model name and limits, take an admission ticket
+  (`busy` when the engine's queue is full) and answer a retried idempotency key from the cache *before* any work,
+  then check and tokenise the prompt once in a worker thread and return a `Turn`; `run(turn, transport=...)`
+  streams `TextDelta`s then one `TurnDone` through `TurnService` (so both front ends log to the replay store the
+  same way, with their transport name, and honour `store: false`) and releases the ticket.
+- Store calls run on the store worker's threads (`store_worker.py`), CPU work (tokenising, dataset planning) in
+  worker threads: no operation blocks the event loop. A busy store is `unavailable` (503, `reason: store_busy`,
+  with `retry_after_s`) for the one call that needed it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -43,9 +49,13 @@ from .api.schemas import (
 from . import forgetting
 from .dataio.chunking import split_document
 from .dataio.importer import ImportRequest, plan_import
+from .admission import Admission, Overloaded, Ticket
 from .engine.base import AdapterLoadError, EngineError, InvalidParam, RequestTooLong, SamplingParams, TextDelta
+from .idempotency import IdempotencyCache, KeyConflict, fingerprint
 from .limits import TooLarge, check_feedback, check_teach
+from .metrics import store_figures
 from .prompting import ChatTemplateError, check_example
+from .store_worker import StoreBusy
 from .textcheck import invalid_text
 from .tool_calls import ToolUse, check_answer_tools, detect
 from .turns import TurnDone
@@ -58,6 +68,7 @@ if TYPE_CHECKING:
     from .config import DaemonConfig
     from .engine.base import Engine
     from .metrics import DaemonMetrics
+    from .store_worker import StoreWorker
     from .turns import TurnService
     from .updater import Updater
 
@@ -76,13 +87,20 @@ STATUS = {
 
 
 class OpError(Exception):
-    def __init__(self, code: str, message: str, *, param: str | None = None, reason: str | None = None):
+    def __init__(self, code: str, message: str, *, param: str | None = None, reason: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.code, self.message, self.param, self.reason = code, message, param, reason
+        self.retry_after_s = retry_after_s  # HTTP `Retry-After` (seconds) for busy/unavailable answers
 
     @property
     def status(self) -> int:
         return STATUS.get(self.code, 500)
+
+
+def store_busy(e: StoreBusy) -> OpError:
+    """A locked replay store as the answer to the one call that needed it: 503, try again shortly."""
+    return OpError("unavailable", str(e), reason="store_busy", retry_after_s=e.retry_after_s)
 
 
 def validation_error(errors: list[dict]) -> OpError:
@@ -90,7 +108,7 @@ def validation_error(errors: list[dict]) -> OpError:
     err = errors[0]
     if err.get("type") == "json_invalid":
         return OpError("invalid_request", "request body is not valid JSON")
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid request")
     if err.get("type") == "string_unicode" and isinstance(err.get("input"), str):
@@ -120,13 +138,18 @@ def parse(model: type[M], data: Any) -> M:
 
 @dataclass(frozen=True)
 class Turn:
-    """A validated generation request, ready to run."""
+    """A validated generation request, ready to run: its prompt tokenised once (`prompt_ids`), its admission
+    ticket held until it ends, or `replay`: the finished turn of an earlier request with the same idempotency key."""
 
     kind: Literal["chat", "completion"]
     prompt: Any
     params: SamplingParams
     store: bool
     tool_use: ToolUse | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    ticket: Ticket | None = field(default=None, compare=False, repr=False)
+    idempotency_key: str | None = None
+    replay: TurnDone | None = None
 
 
 def usage(done: TurnDone) -> dict:
@@ -145,17 +168,19 @@ class DaemonParts(Protocol):
     """What the operations need from the running daemon (`service.Daemon` provides it)."""
 
     cfg: "DaemonConfig"
-    store: "ReplayStore"
+    store: "StoreWorker"
     registry: "AdapterRegistry"
     engine: "Engine"
     turns: "TurnService"
     updater: "Updater"
     metrics: "DaemonMetrics"
+    admission: Admission
+    idempotency: IdempotencyCache
     model_name: str
     started_at: int
     stopping: bool
 
-    def status(self) -> dict: ...
+    async def status(self) -> dict: ...
 
 
 class Operations:
@@ -189,23 +214,45 @@ class Operations:
             raise OpError("not_found", f"model {name!r} is not served here; GET /v1/models lists {served!r}",
                           param="model", reason="model_not_found")
 
-    def _checked(self, kind: Literal["chat", "completion"], prompt: Any, params: SamplingParams, store: bool,
-                 tool_use: ToolUse | None = None) -> Turn:
+    async def _checked(self, kind: Literal["chat", "completion"], prompt: Any, params: SamplingParams, store: bool,
+                       tool_use: ToolUse | None, idempotency_key: str | None) -> Turn:
         limit = self.daemon.cfg.generation.max_tokens_limit
         if params.max_tokens > limit:
             raise OpError("invalid_request", f"max_tokens {params.max_tokens} exceeds the limit {limit}",
                           param="max_tokens")
         try:
-            self.daemon.turns.validate(kind, prompt, params, tool_use)
+            ticket = self.daemon.admission.admit()  # before any work: a refused request costs nothing
+        except Overloaded as e:
+            raise OpError("busy", str(e), reason="server_busy", retry_after_s=e.retry_after_s) from None
+        try:
+            if idempotency_key is not None:
+                cache = self.daemon.idempotency
+                tools = (tool_use.tools, tool_use.choice, tool_use.parallel) if tool_use else None
+                try:
+                    replay = cache.claim(idempotency_key, fingerprint(kind, prompt, params, store, tools))
+                except KeyConflict as e:
+                    raise OpError("conflict", str(e), reason="idempotency_key_in_use", retry_after_s=1) from None
+                if replay is not None:
+                    ticket.release()
+                    return Turn(kind, prompt, params, store, tool_use, replay=replay)
+                ticket.on_release(lambda: cache.abandon(idempotency_key))  # a finished turn completed it first
+            # Checking, rendering and tokenising run once, in a worker thread: a large prompt never stalls the loop.
+            request = await asyncio.to_thread(self.daemon.turns.prepare, kind, prompt, params, tool_use)
         except RequestTooLong as e:
+            ticket.release()
             raise OpError("invalid_request", str(e), param="messages" if kind == "chat" else "prompt",
                           reason="context_length_exceeded") from None
         except InvalidParam as e:
+            ticket.release()
             raise OpError("invalid_request", str(e), param=e.param) from None
         except ChatTemplateError as e:
+            ticket.release()
             raise OpError("invalid_request", f"the chat template refused the messages: {e}",
                           param="messages") from None
-        return Turn(kind, prompt, params, store, tool_use)
+        except BaseException:
+            ticket.release()
+            raise
+        return Turn(kind, prompt, params, store, tool_use, request.prompt_ids, ticket, idempotency_key)
 
     def _tool_use(self, body: ChatCompletionRequest, params: SamplingParams) -> tuple[ToolUse | None, SamplingParams]:
         """The request's tools, checked against what the model's template can do; a forced or required call
@@ -242,25 +289,47 @@ class Operations:
             raise OpError("invalid_request", f"{name}: this field is not supported (the README's API table lists "
                           "the fields this server honours)", param=name, reason="unsupported_field")
 
-    def prepare_chat(self, body: ChatCompletionRequest) -> Turn:
+    async def prepare_chat(self, body: ChatCompletionRequest, *, idempotency_key: str | None = None) -> Turn:
+        """Check and tokenise a chat request (fields, model, tools, limits, admission) before any generation.
+        `idempotency_key` (scoped by the caller to its transport) names one request: a retry with it within the
+        window gets the first answer; reused for another request, or while the first runs, it is a `conflict`."""
         check_text(body)
         self._check_fields(body)
         self.check_model(body.model)
         gen = self.daemon.cfg.generation
         tool_use, params = self._tool_use(body, body.sampling(gen, body.max_completion_tokens))
-        return self._checked("chat", body.prompt(), params, body.stored, tool_use)
+        return await self._checked("chat", body.prompt(), params, body.stored, tool_use, idempotency_key)
 
-    def prepare_completion(self, body: CompletionRequest) -> Turn:
+    async def prepare_completion(self, body: CompletionRequest, *, idempotency_key: str | None = None) -> Turn:
         check_text(body)
         self._check_fields(body)
         self.check_model(body.model)
-        return self._checked("completion", body.prompt, body.sampling(self.daemon.cfg.generation), body.stored)
+        return await self._checked("completion", body.prompt, body.sampling(self.daemon.cfg.generation),
+                                   body.stored, None, idempotency_key)
 
     async def run(self, turn: Turn, *, transport: str, turn_id: str | None = None
                   ) -> AsyncIterator[TextDelta | TurnDone]:
-        """Stream one turn; the engine's failures become `engine_error`."""
+        """Stream one turn; the engine's failures become `engine_error`. A replayed turn (same idempotency key)
+        streams its stored choices at once. The turn's admission ticket is released when this ends."""
+        if turn.replay is not None:
+            if turn.tool_use is None or not turn.tool_use.parses:  # else its text comes whole with the TurnDone
+                for c in turn.replay.choices:
+                    yield TextDelta(c.text, c.index, c.logprobs or ())
+            yield turn.replay
+            return
+        try:
+            async with contextlib.aclosing(self._generate(turn, transport, turn_id)) as events:
+                async for ev in events:
+                    if isinstance(ev, TurnDone) and turn.idempotency_key is not None:
+                        self.daemon.idempotency.complete(turn.idempotency_key, ev)
+                    yield ev
+        finally:
+            if turn.ticket is not None:
+                turn.ticket.release()
+
+    async def _generate(self, turn: Turn, transport: str, turn_id: str | None) -> AsyncIterator[TextDelta | TurnDone]:
         events = self.daemon.turns.run(turn.kind, turn.prompt, turn.params, store=turn.store, transport=transport,
-                                       turn_id=turn_id, tool_use=turn.tool_use)
+                                       turn_id=turn_id, tool_use=turn.tool_use, prompt_ids=turn.prompt_ids)
         metrics, route = self.daemon.metrics, turn_route(transport, turn.kind)
         t0, first = time.monotonic(), False
         metrics.turn_started()
@@ -288,9 +357,14 @@ class Operations:
         raise OpError("internal", "generation ended without a result")
 
     # -- metrics --------------------------------------------------------------------------------------------------
-    def metrics(self) -> tuple[bytes, str]:
-        """The Prometheus exposition of `metrics.DaemonMetrics`: (body, content type)."""
-        return self.daemon.metrics.render()
+    async def metrics(self) -> tuple[bytes, str]:
+        """The Prometheus exposition of `metrics.DaemonMetrics`: (body, content type). The store's figures are read
+        on the store's reader thread first (a busy store: 503), the exposition is rendered in a worker thread."""
+        try:
+            state = await self.daemon.store.read(store_figures)
+        except StoreBusy as e:
+            raise store_busy(e) from None
+        return await asyncio.to_thread(self.daemon.metrics.render, state)
 
     def observe_http(self, route: str, status: int, seconds: float) -> None:
         self.daemon.metrics.observe_http(route, status, seconds, self.daemon.engine.current_adapter)
@@ -303,7 +377,7 @@ class Operations:
         ]}
 
     # -- learning signals ---------------------------------------------------------------------------------------
-    def feedback(self, body: FeedbackRequest) -> dict:
+    async def feedback(self, body: FeedbackRequest) -> dict:
         check_text(body)
         store = self.daemon.store
         try:
@@ -312,32 +386,69 @@ class Operations:
             raise OpError("too_large", str(e), param=e.param) from None
         calls = body.correction_tool_calls()
         tokenizer = getattr(self.daemon.engine, "tokenizer", None)
+
+        def add(s: "ReplayStore") -> dict:
+            out = s.add_feedback(body.interaction_id, rating=body.rating, correction=body.correction,
+                                 comment=body.comment, tool_calls=calls)
+            return {**out, "pending_examples": s.count_pending()}
+
         try:
             if calls is not None and tokenizer is not None and detect(tokenizer) is None:
-                check_answer_tools(tokenizer, None, calls)
-            out = store.add_feedback(body.interaction_id, rating=body.rating, correction=body.correction,
-                                     comment=body.comment, tool_calls=calls)
+                await asyncio.to_thread(check_answer_tools, tokenizer, None, calls)
+            return await store.write(add)
+        except StoreBusy as e:
+            raise store_busy(e) from None
         except ToolCallError as e:
             raise OpError("invalid_request", str(e), param=e.param) from None
         except NotFound:
+            if store.is_journaled(body.interaction_id):
+                raise OpError("unavailable", f"turn {body.interaction_id!r} is answered but not in the replay store "
+                              "yet (it waits in the journal); retry shortly", reason="store_busy",
+                              retry_after_s=StoreBusy.retry_after_s) from None
             raise OpError("not_found", f"no logged turn with id {body.interaction_id!r} (turns sent with store=false "
                           "are not logged)", param="interaction_id") from None
         except InvalidInput as e:
             raise OpError("invalid_request", str(e), param=e.param) from None
-        return {**out, "pending_examples": store.count_pending()}
 
-    def teach(self, body: TeachRequest) -> dict:
+    async def teach(self, body: TeachRequest) -> dict:
         """Store taught pairs and documents; a document longer than `train.max_seq_len` tokens becomes several
-        consecutive document examples (`document_chunks` says how many per document)."""
+        consecutive document examples (`document_chunks` says how many per document). Checking and splitting
+        (tokenising) run in a worker thread, the writes in one transaction on the store's writer thread."""
         check_text(body)
-        store = self.daemon.store
         try:
             check_teach(body, self.daemon.cfg.limits)
         except TooLarge as e:
             raise OpError("too_large", str(e), param=e.param) from None
+        docs = await asyncio.to_thread(self._check_taught, body)
+
+        def add(s: "ReplayStore") -> dict:
+            ids, added = [], 0
+            for pair in body.examples:
+                ex, created = s.add_taught(pair.as_prompt(), pair.answer_text, **pair.tool_use())
+                ids.append(ex.id)
+                added += created
+            for parts in docs:
+                for part in parts:
+                    ex, created = s.add_document(part)
+                    ids.append(ex.id)
+                    added += created
+            return {"example_ids": ids, "added": added, "duplicates": len(ids) - added,
+                    "document_chunks": [len(parts) for parts in docs], "pending_examples": s.count_pending()}
+
+        try:
+            return await self.daemon.store.write(add)
+        except StoreBusy as e:
+            raise store_busy(e) from None
+        except InvalidInput as e:
+            raise OpError("invalid_request", str(e), param=e.param) from None
+        except ValueError as e:
+            raise OpError("invalid_request", str(e)) from None
+
+    def _check_taught(self, body: TeachRequest) -> list[list[str]]:
+        """Every taught pair checked against the chat template and its tool calls (all before any is stored), and
+        each document split to fit `train.max_seq_len` tokens; CPU work for a worker thread."""
         tokenizer = getattr(self.daemon.engine, "tokenizer", None)
-        ids, added, chunks = [], 0, []
-        for i, pair in enumerate(body.examples if tokenizer is not None else ()):  # all checked before any is stored
+        for i, pair in enumerate(body.examples if tokenizer is not None else ()):
             try:
                 tool_use = pair.tool_use()
                 check_answer_tools(tokenizer, **tool_use)
@@ -350,36 +461,30 @@ class Operations:
                               param=f"examples.{i}.prompt") from None
             except ValueError as e:
                 raise OpError("invalid_request", f"examples.{i}: {e}", param=f"examples.{i}") from None
+        room = self.daemon.cfg.train.max_seq_len - 1  # the trainer appends the end-of-text token to each document
+        return [split_document(tokenizer, doc, room) if tokenizer else [doc] for doc in body.documents]
+
+    async def _read(self, fn: Any) -> Any:
         try:
-            for pair in body.examples:
-                ex, created = store.add_taught(pair.as_prompt(), pair.answer_text, **pair.tool_use())
-                ids.append(ex.id)
-                added += created
-            for doc in body.documents:
-                # the trainer appends the end-of-text token to each document: one token less per chunk
-                room = self.daemon.cfg.train.max_seq_len - 1
-                parts = split_document(tokenizer, doc, room) if tokenizer else [doc]
-                chunks.append(len(parts))
-                for part in parts:
-                    ex, created = store.add_document(part)
-                    ids.append(ex.id)
-                    added += created
-        except InvalidInput as e:
-            raise OpError("invalid_request", str(e), param=e.param) from None
-        except ValueError as e:
-            raise OpError("invalid_request", str(e)) from None
-        return {"example_ids": ids, "added": added, "duplicates": len(ids) - added, "document_chunks": chunks,
-                "pending_examples": store.count_pending()}
+            return await self.daemon.store.read(fn)
+        except StoreBusy as e:
+            raise store_busy(e) from None
 
-    def set_aside(self, limit: int = 100) -> dict:
+    async def _write(self, fn: Any) -> Any:
+        try:
+            return await self.daemon.store.write(fn)
+        except StoreBusy as e:
+            raise store_busy(e) from None
+
+    async def set_aside(self, limit: int = 100) -> dict:
         """Examples kept out of training (a refused update's, or contradicting an earlier answer), with reasons."""
-        store = self.daemon.store
-        return {"data": store.set_aside_examples(limit=max(1, min(limit, 1000))), "total": store.count_set_aside()}
+        limit = max(1, min(limit, 1000))
+        return await self._read(lambda s: {"data": s.set_aside_examples(limit=limit), "total": s.count_set_aside()})
 
-    def requeue(self, body: RequeueRequest) -> dict:
+    async def requeue(self, body: RequeueRequest) -> dict:
         """Make set-aside examples pending again (all when no ids are given)."""
-        store = self.daemon.store
-        return {"requeued": store.requeue(body.example_ids), "pending_examples": store.count_pending()}
+        return await self._write(lambda s: {"requeued": s.requeue(body.example_ids),
+                                            "pending_examples": s.count_pending()})
 
     async def forget(self, body: ForgetRequest) -> dict:
         """Delete what `body` selects, mark the adapters trained on it tainted and rebuild (`forgetting`)."""
@@ -387,6 +492,8 @@ class Operations:
         d = self.daemon
         try:
             return await forgetting.forget(d.updater, d.store, d.registry, body.model_dump())
+        except StoreBusy as e:
+            raise store_busy(e) from None
         except NotFound as e:
             raise OpError("not_found", str(e)) from None
         except InvalidInput as e:
@@ -394,24 +501,24 @@ class Operations:
         except UpdateAlreadyRunning as e:
             raise OpError("conflict", f"an update would not stop ({e}); try again", reason="update_running") from None
 
-    def import_examples(self, body: ImportRequest) -> dict:
+    async def import_examples(self, body: ImportRequest) -> dict:
         """A dataset's rows and documents as training examples (`dataio.importer`): all or nothing unless
-        `skip_invalid`; blocking (tokenizes, writes): call it off the event loop."""
+        `skip_invalid`. Planning (tokenising) runs in a worker thread, the writes in one transaction on the store's
+        writer thread."""
         check_text(body)
-        plan = plan_import(body, self._tokenizer(), self.daemon.cfg.train.max_seq_len)
+        plan = await asyncio.to_thread(lambda: plan_import(body, self._tokenizer(), self.daemon.cfg.train.max_seq_len))
         if plan.errors and not body.skip_invalid:
             first = plan.errors[0]
             raise OpError("invalid_request", f"{first} ({len(plan.errors)} invalid row(s) in all; nothing was "
                           "imported; skip_invalid imports the valid rows)", param=first.field)
-        store = self.daemon.store
         try:
-            results = store.add_examples(plan.examples)
+            results, pending = await self._write(lambda s: (s.add_examples(plan.examples), s.count_pending()))
         except InvalidInput as e:
             raise OpError("invalid_request", str(e)) from None
         added = sum(created for _, created in results)
         return {"rows": plan.rows, "examples": len(results), "added": added, "duplicates": len(results) - added,
                 "document_chunks": plan.chunks, "skipped": [e.to_json() for e in plan.errors],
-                "pending_examples": store.count_pending()}
+                "pending_examples": pending}
 
     def _tokenizer(self) -> Any:
         if self._tok is None:
@@ -421,30 +528,36 @@ class Operations:
         return self._tok
 
     # -- updates and adapters -----------------------------------------------------------------------------------
-    def status(self) -> dict:
-        return self.daemon.status()
-
-    def trigger_update(self) -> dict:
+    async def status(self) -> dict:
         try:
-            update_id = self.daemon.updater.start("manual")
+            return await self.daemon.status()
+        except StoreBusy as e:
+            raise store_busy(e) from None
+
+    async def trigger_update(self) -> dict:
+        try:
+            update_id = await self.daemon.updater.start("manual")
+        except StoreBusy as e:
+            raise store_busy(e) from None
         except NothingToTrain as e:
             raise OpError("conflict", str(e), reason="nothing_to_train") from None
         except UpdateAlreadyRunning as e:
             raise OpError("conflict", f"an update is already running ({e})", reason="update_running") from None
         return {"update_id": update_id, "status": "running"}
 
-    def updates(self, limit: int = 20) -> dict:
-        return {"data": self.daemon.store.list_updates(limit=max(1, min(limit, 200)))}
+    async def updates(self, limit: int = 20) -> dict:
+        limit = max(1, min(limit, 200))
+        return {"data": await self._read(lambda s: s.list_updates(limit=limit))}
 
-    def update(self, update_id: int) -> dict:
-        row = self.daemon.store.get_update(update_id)
+    async def update(self, update_id: int) -> dict:
+        row = await self._read(lambda s: s.get_update(update_id))
         if row is None:
             raise OpError("not_found", f"no update {update_id}", param="update_id")
         return row
 
-    def adapters(self) -> dict:
+    async def adapters(self) -> dict:
         registry = self.daemon.registry
-        return {"current": registry.current(), "data": registry.to_json()}
+        return await asyncio.to_thread(lambda: {"current": registry.current(), "data": registry.to_json()})
 
     async def rollback(self, body: RollbackRequest) -> dict:
         check_text(body)
@@ -457,10 +570,11 @@ class Operations:
             raise OpError("invalid_request", str(e), param="version") from None
         except AdapterLoadError as e:
             raise OpError("engine_error", str(e), reason="adapter_load_failed") from None
-        return {"current": self.daemon.registry.current()}
+        return {"current": await asyncio.to_thread(self.daemon.registry.current)}
 
     def remove_adapter(self, version: str) -> dict:
-        """Delete an adapter version that is not served: a tainted or rejected one (promoted clean ones stay)."""
+        """Delete an adapter version that is not served: a tainted or rejected one (promoted clean ones stay).
+        File I/O: call it in a worker thread."""
         check_text(version)
         registry = self.daemon.registry
         try:
@@ -471,9 +585,13 @@ class Operations:
             raise OpError("conflict", str(e), param="version") from None
         return {"removed": version, "current": registry.current()}
 
-    def interactions(self, limit: int = 50, offset: int = 0) -> dict:
-        store = self.daemon.store
-        rows = store.list_interactions(limit=max(1, min(limit, 500)), offset=max(0, offset))
-        feedback = store.feedback_for([r["id"] for r in rows])
-        return {"data": [{**r, "feedback": feedback.get(r["id"], [])} for r in rows],
-                "total": store.count_interactions()}
+    async def interactions(self, limit: int = 50, offset: int = 0) -> dict:
+        limit, offset = max(1, min(limit, 500)), max(0, offset)
+
+        def read(s: "ReplayStore") -> dict:
+            rows = s.list_interactions(limit=limit, offset=offset)
+            feedback = s.feedback_for([r["id"] for r in rows])
+            return {"data": [{**r, "feedback": feedback.get(r["id"], [])} for r in rows],
+                    "total": s.count_interactions()}
+
+        return await self._read(read)

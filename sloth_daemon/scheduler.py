@@ -19,6 +19,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sloth_replay import UpdateAlreadyRunning
 
 from .config import ScheduleConfig
+from .store_worker import StoreBusy
 from .updater import NothingToTrain, Updater
 
 log = logging.getLogger(__name__)
@@ -78,21 +79,24 @@ class UpdateScheduler:
     def next_runs(self) -> dict[str, str | None]:
         return {j.id: j.next_run_time.isoformat() if j.next_run_time else None for j in self._scheduler.get_jobs()}
 
-    def _try_start(self, trigger: str) -> int | None:
+    async def _try_start(self, trigger: str) -> int | None:
         if self.updater.running:
             return None
         try:
-            update_id = self.updater.start(trigger)
-        except (NothingToTrain, UpdateAlreadyRunning):
+            update_id = await self.updater.start(trigger)
+        except (NothingToTrain, UpdateAlreadyRunning, StoreBusy):
             return None
         log.info("scheduler: started update %d (%s)", update_id, trigger)
         return update_id
 
     async def _check_threshold(self) -> None:
-        pending = self.updater.store.count_pending()
+        try:
+            pending = await self.updater.store.read(lambda s: s.count_pending())
+        except StoreBusy:
+            return  # checked again at the next interval
         log.debug("scheduler: %d example(s) pending, threshold %d", pending, self.cfg.min_new_examples)
         if pending >= self.cfg.min_new_examples:
-            self._try_start("threshold")
+            await self._try_start("threshold")
 
     async def _check_interval(self) -> None:
-        self._try_start("interval")
+        await self._try_start("interval")

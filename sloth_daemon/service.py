@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -32,8 +34,10 @@ from sloth_replay.forgetting import tainted_adapters
 
 from . import __version__
 from .adapters import AdapterRegistry
+from .admission import Admission
 from .anchors import ensure_anchors
 from .api.auth import SecretRedactor
+from .api.edge import SlowHeadProtocol
 from .api.http import create_app
 from .api.zmq import ZmqBindError, ZmqServer
 from .api.zmq_protocol import resolve_addresses
@@ -41,11 +45,14 @@ from .config import ConfigError, DaemonConfig
 from .engine.base import AdapterLoadError, Engine
 from .forgetting import mark_tainted
 from .housekeeping import prune
+from .idempotency import IdempotencyCache
 from .logs import configure_logging
 from .metrics import DaemonMetrics
 from .notify import Notifier
 from .operations import Operations
 from .scheduler import UpdateScheduler
+from .state_lock import StateDirLock, StateDirLocked
+from .store_worker import StoreBusy, StoreWorker
 from .turns import TurnService
 from .updater import Updater
 
@@ -56,6 +63,17 @@ log = logging.getLogger("sloth_daemon")
 LIVE_SETTINGS = ("log_level", "api_key", "shutdown_grace_s", "train", "mix", "gate", "schedule", "generation",
                  "anchors", "limits", "retention", "metrics_open_on_loopback")
 STATUS_REFRESH_S = 2.0  # how often STATUS= is refreshed (pending counts change without an event)
+STARTUP_PATIENCE_S = 60.0  # start-up store writes wait this long for a lock another process holds
+JOURNAL_FILE = "turn-journal.jsonl"
+EXIT_STATE_DIR_LOCKED = 4  # `serve` exit status when another daemon holds the state dir
+
+
+def _recover_interrupted_update(store: ReplayStore) -> dict | None:
+    """At start, a `running` update means the last run stopped during it: mark it failed (its examples are pending
+    again) and return it."""
+    interrupted = store.running_update()
+    store.fail_running_updates("the daemon stopped while the update ran")
+    return interrupted
 
 
 def make_engine(cfg: DaemonConfig, model_path: Path, model_name: str) -> Engine:
@@ -94,7 +112,8 @@ class Daemon:
         self.restart_needed: list[str] = []  # changed settings a reload could not apply
         self.reload_problem: str | None = None
         self.started_at = int(time.time())
-        self.store: ReplayStore
+        self.store: StoreWorker
+        self._pending = 0  # last known count of pending examples (the STATUS= line must not wait on the store)
         self.registry: AdapterRegistry
         self.engine: Engine
         self.turns: TurnService
@@ -104,29 +123,36 @@ class Daemon:
         self.zmq: ZmqServer | None = None
         self._background: set[asyncio.Task] = set()
         self.metrics = DaemonMetrics(self)  # read at scrape time; front ends report requests through ops
+        self.state_lock = StateDirLock(cfg.state_dir)
+        self.admission = Admission(cfg.max_queued_requests)  # one engine: one bound for HTTP and ZeroMQ together
+        self.idempotency = IdempotencyCache(cfg.idempotency_window_s)
         self.ops = Operations(self)  # what the front ends see of the daemon
 
     async def start(self) -> None:
         cfg = self.cfg
-        for d in (cfg.state_dir, cfg.adapters_dir, cfg.runs_dir, cfg.models_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._prepare_state_dir)
         self.notifier.status("starting: opening the replay store")
-        self.store = ReplayStore(cfg.replay_db)
-        interrupted = self.store.running_update()
-        if n := self.store.fail_running_updates("the daemon stopped while the update ran"):
-            log.warning("marked %d interrupted update(s) as failed; their examples are pending again", n)
+        self.store = await asyncio.to_thread(StoreWorker, cfg.replay_db, cfg.state_dir / JOURNAL_FILE,
+                                             busy_timeout_s=cfg.store_busy_timeout_s)
+        # Start-up bookkeeping may wait for a lock another process holds: no client waits yet.
+        interrupted = await self.store.write(_recover_interrupted_update, patience_s=STARTUP_PATIENCE_S)
+        if interrupted is not None:
+            log.warning("marked interrupted update %d as failed; its examples are pending again", interrupted["id"])
+        if n := await self.store.retry_journal(patience_s=STARTUP_PATIENCE_S):
+            log.info("logged %d journaled turn(s) from the last run", n)
+        await self.refresh_pending()
         self.registry = AdapterRegistry(cfg.adapters_dir)
-        if removed := self.registry.cleanup_staging():
+        if removed := await asyncio.to_thread(self.registry.cleanup_staging):
             log.warning("removed half-written adapter folder(s): %s", ", ".join(removed))
         if interrupted is not None:
-            self._disown_unserved_adapters(interrupted["id"])
-        mark_tainted(self.store, self.registry)  # a crash right after a forget request left the registry behind
-        prune(cfg.runs_dir, self.registry, cfg.retention.keep_last)
+            await asyncio.to_thread(self._disown_unserved_adapters, interrupted["id"])
+        await mark_tainted(self.store, self.registry)  # a crash right after a forget request left the registry behind
+        await asyncio.to_thread(prune, cfg.runs_dir, self.registry, cfg.retention.keep_last)
         self.notifier.status("starting: loading the model")
         model_path, self.model_name = await asyncio.to_thread(resolve_model, cfg)
         self.engine = make_engine(cfg, model_path, self.model_name)
         await self.engine.start()
-        current = self.registry.current()
+        current = await asyncio.to_thread(self.registry.current)
         if current:
             try:
                 await self.engine.swap_adapter(current, self.registry.path(current))
@@ -139,7 +165,12 @@ class Daemon:
         self._spawn(self.updater.preload())  # on CUDA: the warm trainer loads the base while anchors are made
         self._spawn(self._make_anchors())
         self._spawn(self._resume_rebuild())
+        self._spawn(self.store.run_journal_retry())
         await self._start_zmq()
+        # Everything made so far (the model, torch's and transformers' module state) lives as long as the daemon: out
+        # of the collector's way, a full collection no longer walks millions of objects and stalls the event loop
+        # (and the watchdog) for seconds on a busy machine.
+        gc.freeze()
         log.info("serving %s (%s engine) with adapter %s; state in %s", self.model_name, self.engine.name,
                  current or "none (base model)", cfg.state_dir)
 
@@ -159,6 +190,22 @@ class Daemon:
             log.error("%s; serving without ZeroMQ (set zmq to an address, or 'off')", e)
             return
         self.zmq = server
+
+    def _prepare_state_dir(self) -> None:
+        """Take the state dir (one daemon per dir), create its folders, and tighten it and the store's files to the
+        umask (a state dir made by an older version, or by hand, may be world-readable)."""
+        cfg = self.cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_lock.acquire()
+        for d in (cfg.adapters_dir, cfg.runs_dir, cfg.models_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        mask = int(cfg.umask, 8)
+        for path in (cfg.state_dir, cfg.replay_db, cfg.replay_db.with_name(cfg.replay_db.name + "-wal"),
+                     cfg.replay_db.with_name(cfg.replay_db.name + "-shm"), cfg.state_dir / JOURNAL_FILE):
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                mode = path.stat().st_mode & 0o7777
+                if mode & mask:
+                    path.chmod(mode & ~mask)
 
     def _disown_unserved_adapters(self, update_id: int) -> None:
         """A crash after an update committed its adapter but before CURRENT named it (mid-swap) leaves a complete
@@ -198,15 +245,22 @@ class Daemon:
             log.exception("could not start the rebuild of a tainted adapter; the next update rebuilds it")
 
     async def stop(self) -> None:
+        """Stop what was started, in reverse order (also after a start that failed half-way: the store's threads
+        must end, or the process could not exit)."""
         if self.zmq is not None:
             await self.zmq.stop()
-        self.scheduler.shutdown()
-        await self.updater.stop()
-        await self.updater.close()
+        if hasattr(self, "scheduler"):
+            self.scheduler.shutdown()
+        if hasattr(self, "updater"):
+            await self.updater.stop()
+            await self.updater.close()
         for task in list(self._background):
             task.cancel()
-        await self.engine.stop()
-        self.store.close()
+        if hasattr(self, "engine"):
+            await self.engine.stop()
+        if hasattr(self, "store"):
+            await asyncio.to_thread(self.store.close)
+        self.state_lock.release()
 
     # -- what systemd is told -------------------------------------------------------------------------------------
     def status_line(self) -> str:
@@ -217,7 +271,7 @@ class Daemon:
         elif (p := self.updater.progress) is not None:
             line += f"training update {p['update_id']} {p['progress']:.0%}"
         else:
-            n = self.store.count_pending()
+            n = self._pending
             line += f"idle, {n} example{'' if n == 1 else 's'} pending"
         if self.restart_needed:
             line += "; restart to apply " + ", ".join(self.restart_needed)
@@ -228,6 +282,11 @@ class Daemon:
     def refresh_status(self) -> None:
         if not self.stopping:
             self.notifier.status(self.status_line())
+
+    async def refresh_pending(self) -> None:
+        """Re-count the pending examples for the STATUS= line (a busy store keeps the last count)."""
+        with contextlib.suppress(StoreBusy):
+            self._pending = await self.store.read(lambda s: s.count_pending())
 
     def begin_stop(self) -> None:
         """SIGTERM: tell systemd, start no more updates, and stop a running one now (while HTTP drains)."""
@@ -260,24 +319,30 @@ class Daemon:
             log.warning("config reload: %s changed and need(s) a restart to apply", ", ".join(self.restart_needed))
         return applied, self.restart_needed
 
-    def status(self) -> dict:
+    async def status(self) -> dict:
+        counts = await self.store.read(lambda s: (s.count_pending(), s.count_anchors(), s.count_interactions(),
+                                                  s.list_updates(limit=5), s.count_set_aside(),
+                                                  s.set_aside_examples(limit=10), tainted_adapters(s)))
+        self._pending = counts[0]
         return {
             "version": __version__,
             "model": self.model_name,
             "engine": self.engine.name,
             "chat_template": fmt.describe() if (fmt := getattr(self.engine, "chat_format", None)) else None,
             "adapter": self.engine.current_adapter,
-            "pending_examples": self.store.count_pending(),
-            "set_aside_examples": self.store.count_set_aside(),
-            "set_aside": self.store.set_aside_examples(limit=10),
-            "tainted_adapters": (tainted := tainted_adapters(self.store)),
-            "adapter_tainted": tainted.get(self.engine.current_adapter or ""),
-            "anchors": self.store.count_anchors(),
-            "interactions": self.store.count_interactions(),
+            "pending_examples": counts[0],
+            "set_aside_examples": counts[4],
+            "set_aside": counts[5],
+            "tainted_adapters": counts[6],
+            "adapter_tainted": counts[6].get(self.engine.current_adapter or ""),
+            "anchors": counts[1],
+            "interactions": counts[2],
+            "journaled_turns": len(self.store.journal.pending_ids),
             "update": self.updater.progress,
-            "recent_updates": self.store.list_updates(limit=5),
+            "recent_updates": counts[3],
             "scheduler": self.scheduler.next_runs(),
             "in_flight": {str(k): v for k, v in self.engine.in_flight().items()},
+            "admission": self.admission.snapshot(),
             "state_dir": str(self.cfg.state_dir),
             "restart_needed": self.restart_needed,
             "zmq": [ep.address for ep in self.zmq.endpoints] if self.zmq else [],
@@ -295,7 +360,11 @@ def build_app(cfg: DaemonConfig, notifier: Notifier | None = None) -> tuple[Daem
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):
-        await daemon.start()
+        try:
+            await daemon.start()
+        except BaseException:
+            await daemon.stop()
+            raise
         try:
             yield
         finally:
@@ -348,6 +417,7 @@ class _Server(uvicorn.Server):
     async def _refresh_status(self) -> None:
         while True:
             await asyncio.sleep(STATUS_REFRESH_S)
+            await self.daemon.refresh_pending()
             self.daemon.refresh_status()
 
     def _on_hup(self) -> None:
@@ -387,12 +457,21 @@ class _Server(uvicorn.Server):
 def serve(cfg: DaemonConfig, reload_config: Callable[[], DaemonConfig] | None = None) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT. `reload_config` re-reads the configuration on SIGHUP
     (the CLI passes one that reads the same file, environment and flags)."""
+    os.umask(int(cfg.umask, 8))  # before anything is created: state dir 0700, files 0600 by default
     notifier = Notifier.from_environment()
     log_config = configure_logging(cfg.log_level, cfg.log_format)
     daemon, app = build_app(cfg, notifier)
-    server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                    log_config=log_config, timeout_graceful_shutdown=cfg.shutdown_grace_s),
-                     daemon, reload_config)
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        daemon.state_lock.acquire()  # before the port is bound: a second daemon says why and exits at once
+    except StateDirLocked as e:
+        log.error("%s", e)
+        notifier.status(str(e))
+        raise SystemExit(EXIT_STATE_DIR_LOCKED) from None
+    protocol = type("HttpProtocol", (SlowHeadProtocol,), {"header_timeout_s": cfg.http_header_timeout_s})
+    server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, http=protocol,
+                                    log_config=log_config, timeout_keep_alive=cfg.http_keep_alive_s,
+                                    timeout_graceful_shutdown=cfg.shutdown_grace_s), daemon, reload_config)
     # After uvicorn configured its loggers: request lines lose keys sent in query strings (and the key anywhere).
     logging.getLogger("uvicorn.access").addFilter(SecretRedactor(lambda: daemon.cfg.api_key))
     server.run()

@@ -9,7 +9,9 @@ format (`tool_calls.py`): a choice with calls has `tool_calls`, `content` the te
 What is logged keeps what learning needs: the tools offered, the tool choice, the calls made, the response format
 (`interactions.params`), and the prompt messages with their tool calls and tool results.
 A finished turn is logged exactly once, unless `store=False` (the OpenAI API's own flag) or it was cancelled
-(the client went away: no answer was delivered, so there is nothing to learn from).
+(the client went away: no answer was delivered, so there is nothing to learn from). Logging runs on the store
+worker's thread; when the store cannot take the turn now it is journaled (`TurnDone.journaled`) and logged later,
+and `TurnDone.logged` is True only once the row is committed.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Literal
-
-from sloth_replay import ReplayStore
+from typing import TYPE_CHECKING, AsyncIterator, Literal
 
 from .engine.base import Engine, Finished, GenerationRequest, Prompt, SamplingParams, TextDelta, TokenLogprob
 from .tool_calls import ToolFormat, ToolUse, detect
+
+if TYPE_CHECKING:
+    from .store_worker import StoreWorker
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class TurnDone:
     adapter_version: str | None
     logged: bool
     choices: tuple[Choice, ...] = ()
+    journaled: bool = False  # answered, not in the store yet: the journal holds it until the store takes it
 
 
 def new_turn_id(kind: str) -> str:
@@ -61,7 +65,7 @@ def new_turn_id(kind: str) -> str:
 
 
 class TurnService:
-    def __init__(self, engine: Engine, store: ReplayStore, model_name: str):
+    def __init__(self, engine: Engine, store: "StoreWorker", model_name: str):
         self.engine = engine
         self.store = store
         self.model_name = model_name
@@ -74,18 +78,22 @@ class TurnService:
             self._tool_format = detect(self.engine.tokenizer)
         return self._tool_format  # type: ignore[return-value]
 
-    def validate(self, kind: Literal["chat", "completion"], prompt: Prompt, params: SamplingParams,
-                 tool_use: ToolUse | None = None) -> None:
-        self.engine.validate(GenerationRequest(kind, prompt, params, tool_use.tools if tool_use else None))
+    def prepare(self, kind: Literal["chat", "completion"], prompt: Prompt, params: SamplingParams,
+                tool_use: ToolUse | None = None) -> GenerationRequest:
+        """The engine's checks and the prompt tokenised once (`Engine.prepare`; CPU work: call it in a worker
+        thread); raises what `Engine.prepare` raises."""
+        return self.engine.prepare(GenerationRequest(kind, prompt, params, tool_use.tools if tool_use else None))
 
     async def run(self, kind: Literal["chat", "completion"], prompt: Prompt, params: SamplingParams, *,
                   store: bool = True, transport: str = "http", turn_id: str | None = None,
-                  tool_use: ToolUse | None = None) -> AsyncIterator[TextDelta | TurnDone]:
+                  tool_use: ToolUse | None = None, prompt_ids: tuple[int, ...] | None = None
+                  ) -> AsyncIterator[TextDelta | TurnDone]:
         turn_id = turn_id or new_turn_id(kind)
         t0 = time.monotonic()
         ttft = None
         parse = tool_use is not None and tool_use.parses
-        stream = self.engine.generate(GenerationRequest(kind, prompt, params, tool_use.tools if tool_use else None))
+        stream = self.engine.generate(GenerationRequest(kind, prompt, params, tool_use.tools if tool_use else None,
+                                                        prompt_ids))
         finished: dict[int, Finished] = {}
         async with contextlib.aclosing(stream):
             async for ev in stream:
@@ -103,18 +111,18 @@ class TurnService:
         choices = tuple(_choice(f, tool_use if parse else None) for f in sorted(finished.values(),
                                                                                 key=lambda f: f.index))
         completion_tokens = sum(f.completion_tokens for f in finished.values())
-        logged = store and all(c.finish_reason != "cancelled" for c in choices) and len(choices) == params.n
-        if logged:
-            self.store.log_interaction(
+        outcome = None
+        if store and all(c.finish_reason != "cancelled" for c in choices) and len(choices) == params.n:
+            outcome = await self.store.log_turn(dict(
                 id=turn_id, kind=kind, prompt=prompt, response=first.text, model=self.model_name,
                 adapter_version=first.adapter_version, prompt_tokens=first.prompt_tokens,
                 completion_tokens=completion_tokens, latency_ms=(time.monotonic() - t0) * 1000,
                 ttft_ms=ttft, finish_reason=choices[0].finish_reason,
                 params=logged_params(params, choices, tool_use),
                 transport=transport,
-            )
+            ))
         yield TurnDone(turn_id, first.text, choices[0].finish_reason, first.prompt_tokens, completion_tokens,
-                       first.adapter_version, logged, choices)
+                       first.adapter_version, outcome == "logged", choices, outcome == "journaled")
 
 
 def _choice(f: Finished, tool_use: ToolUse | None) -> Choice:

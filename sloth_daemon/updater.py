@@ -1,9 +1,12 @@
 """One update, from the scheduler's trigger to the swap: select → mix → train (child process) → gate → promote.
 
 Contract:
-- `start(trigger)` claims the update slot in the replay store (one update at a time, across processes too), returns
-  the update id at once and runs the rest as a background task; `NothingToTrain` when no new example waits,
-  `UpdateAlreadyRunning` (from the store) when one runs.
+- `await start(trigger)` claims the update slot in the replay store (one update at a time, across processes too),
+  returns the update id at once and runs the rest as a background task; `NothingToTrain` when no new example waits,
+  `UpdateAlreadyRunning` (from the store) when one runs, `StoreBusy` when the store's lock is held elsewhere.
+- `stop(reason)` cancels a running update once (a second `stop` only waits): its failure is recorded with the first
+  reason before the task ends, and that recording cannot itself be interrupted (SIGTERM's "daemon stopping" is in
+  the store before the daemon exits). Store and file I/O run on the store worker's threads, never on the loop.
 - What an update trains on and what its gate judges is `planning.plan_update`'s plan; the new examples it trains on
   are claimed in the store when training starts (they stop counting as pending).
 - Every update ends recorded in the store as `promoted`, `rejected` (gate failed, or the engine would not apply it,
@@ -28,11 +31,11 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from sloth_replay import MixRatios, ReplayStore, UpdateAlreadyRunning, batch_counts, build_batches
+from sloth_replay import MixRatios, UpdateAlreadyRunning, batch_counts, build_batches
 from sloth_replay.forgetting import forgotten_examples, purge_forgotten, tainted_adapters
 
 from . import testhooks
@@ -48,11 +51,32 @@ from .trainer.plan import planned_steps, step_tokens
 from .trainer.process import TrainerFailed, TrainerProcess
 from .trainer.warm import WarmTrainer
 
+if TYPE_CHECKING:
+    from .store_worker import StoreWorker
+
 log = logging.getLogger(__name__)
+VERDICT_PATIENCE_S = 30.0  # an update's own store reads/writes wait this long for another process's lock
 
 
 class NothingToTrain(RuntimeError):
     pass
+
+
+async def _uncancellable(aw: Any) -> Any:
+    """Await `aw` to its end even if the awaiting task is cancelled meanwhile (the cancel is re-raised after)."""
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(fut)
+            break
+        except asyncio.CancelledError:
+            if fut.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 def _train_examples(examples: list[Any], made: dict[str, TrainExample] | None = None) -> list[TrainExample]:
@@ -68,7 +92,7 @@ def _train_examples(examples: list[Any], made: dict[str, TrainExample] | None = 
 
 
 class Updater:
-    def __init__(self, cfg: DaemonConfig, store: ReplayStore, registry: AdapterRegistry, engine: Engine,
+    def __init__(self, cfg: DaemonConfig, store: "StoreWorker", registry: AdapterRegistry, engine: Engine,
                  base_model: Path, on_change: Callable[[], None] = lambda: None):
         self.cfg = cfg
         self.store = store
@@ -83,6 +107,7 @@ class Updater:
         self._timeline: dict[str, float] = {}  # wall-clock time (s) at which each phase of the running update ended
         self._swap_lock = asyncio.Lock()
         self._stop_reason: str | None = None  # set by stop(): the reason the stopped update is recorded with
+        self._cancelled = False  # stop() cancels the task once; a second cancel would cut short its recording
         self._stoppable = False  # True until training ends; past that (gate, commit, swap) an update runs to its end
         self.progress: dict[str, Any] | None = None
 
@@ -91,39 +116,44 @@ class Updater:
         return self._task is not None and not self._task.done()
 
     # -- starting -------------------------------------------------------------------------------------------------
-    def start(self, trigger: str) -> int:
+    async def start(self, trigger: str) -> int:
         # A running update first: its examples are not pending (they are claimed), so "nothing to train" would hide it.
-        if (running := self.store.running_update()) is not None:
+        rebuild = await self.needs_rebuild()
+        running, pending, replay = await self.store.read(
+            lambda s: (s.running_update(), s.count_pending(), bool(rebuild and s.replay_pool())))
+        if running is not None:
             raise UpdateAlreadyRunning(running["id"])
-        rebuild = self.needs_rebuild()
-        if self.store.count_pending() == 0 and not (rebuild and self.store.replay_pool()):
+        if pending == 0 and not (rebuild and replay):
             raise NothingToTrain("no new training examples are waiting; teach, correct or rate answers first")
-        update_id = self.store.begin_update(trigger=trigger, base_adapter=None if rebuild else self.registry.current())
+        base = None if rebuild else await asyncio.to_thread(self.registry.current)
+        update_id = await self.store.write(lambda s: s.begin_update(trigger=trigger, base_adapter=base))
         self._timeline = {"trigger": time.time()}
         self.progress = {"update_id": update_id, "progress": 0.0, "message": "starting"}
         self._stoppable = True
+        self._cancelled = False
+        self._stop_reason = None
         self._task = asyncio.get_running_loop().create_task(self._run(update_id), name=f"update-{update_id}")
         self.on_change()
         return update_id
 
-    def needs_rebuild(self) -> bool:
+    async def needs_rebuild(self) -> bool:
         """Whether the served version was trained on forgotten data (the replay store's record decides)."""
-        current = self.registry.current()
-        return current is not None and current in tainted_adapters(self.store)
+        current = await asyncio.to_thread(self.registry.current)
+        return current is not None and current in await self.store.read(tainted_adapters)
 
     async def rebuild_if_needed(self, trigger: str) -> dict | None:
         """Start a rebuild when the served version is tainted: {"update_id", "status": "running"}; with nothing left
         to learn, serve the base model: {"update_id": None, "status": "base"}. None when no rebuild is needed (the
         kept text of forgotten examples is deleted then: nothing served can carry them)."""
-        if not self.needs_rebuild():
-            await asyncio.to_thread(purge_forgotten, self.store)
+        if not await self.needs_rebuild():
+            await self.store.write(purge_forgotten, patience_s=VERDICT_PATIENCE_S)
             return None
-        if self.store.count_pending() == 0 and not self.store.replay_pool():
+        if not await self.store.read(lambda s: s.count_pending() > 0 or bool(s.replay_pool())):
             await self.rollback(None)
-            await asyncio.to_thread(purge_forgotten, self.store)
+            await self.store.write(purge_forgotten, patience_s=VERDICT_PATIENCE_S)
             log.warning("forgetting: nothing is left to learn; serving the base model")
             return {"update_id": None, "status": "base"}
-        update_id = self.start(trigger)
+        update_id = await self.start(trigger)
         log.warning("forgetting: the served adapter was trained on forgotten data; rebuild update %d started",
                     update_id)
         return {"update_id": update_id, "status": "running"}
@@ -136,10 +166,11 @@ class Updater:
         """Stop a running update. While it waits or trains, the trainer is killed, its partial output discarded, and
         the update recorded as failed with `reason` (its examples are pending again, so it can run again); an
         update already past training (gate, commit, swap) is left to finish, up to 30 s."""
-        self._stop_reason = reason
         if self._task is None or self._task.done():
             return
-        if self._stoppable:
+        if self._stoppable and not self._cancelled:
+            self._stop_reason = reason
+            self._cancelled = True
             self._task.cancel()
         await asyncio.wait({self._task}, timeout=30)
 
@@ -198,12 +229,12 @@ class Updater:
         tc = self.cfg.train
         return ("nf4" if device == "cuda" else "none") if tc.quantize == "auto" else tc.quantize
 
-    def _job(self, update_id: int, staging: Path) -> tuple[TrainJob | None, Plan]:
+    def _job(self, update_id: int, staging: Path, pending: list, replay: list, anchors: list,
+             forgotten: list | None) -> tuple[TrainJob | None, Plan]:
+        """The training job and its plan (runs in a worker thread: it reads the registry and mixes the examples)."""
         cfg, tc = self.cfg, self.cfg.train
         seed = tc.seed + update_id
-        forgotten = forgotten_examples(self.store) if self.needs_rebuild() else None
-        plan = plan_update(self.store.pending_examples(), self.store.replay_pool(), self.store.anchors(), cfg.gate,
-                           seed=seed, forgotten=forgotten)
+        plan = plan_update(pending, replay, anchors, cfg.gate, seed=seed, forgotten=forgotten)
         if not plan.train_new:
             return None, plan  # every new example contradicts an earlier answer
         ratios = MixRatios(new=cfg.mix.new, replay=cfg.mix.replay, anchor=cfg.mix.anchor)
@@ -250,7 +281,7 @@ class Updater:
         msg = f"step {event['step']}/{event['steps']} loss {event['loss']:.4f}"
         self.progress = {"update_id": update_id, "progress": frac, "message": msg,
                          **training_progress(event, (self.progress or {}).get("loss_curve", []))}
-        self.store.set_update_progress(update_id, frac, msg)
+        self.store.write_soon(lambda s: s.set_update_progress(update_id, frac, msg), f"update {update_id} progress")
         self.on_change()
 
     async def _run(self, update_id: int) -> None:
@@ -258,17 +289,22 @@ class Updater:
         staging: Path | None = None
         try:
             await self.ready.wait()
-            staging = self.registry.new_staging_dir()
-            job, plan = self._job(update_id, staging)
+            staging = await asyncio.to_thread(self.registry.new_staging_dir)
+            rebuild = await self.needs_rebuild()
+            examples = await self.store.read(lambda s: (s.pending_examples(), s.replay_pool(), s.anchors(),
+                                                        forgotten_examples(s) if rebuild else None),
+                                             patience_s=VERDICT_PATIENCE_S)
+            job, plan = await asyncio.to_thread(self._job, update_id, staging, *examples)
             if job is None:
                 reason = (f"nothing left to train: {len(plan.conflicts)} new example(s) contradict earlier answers "
                           "and were set aside (see status)")
-                self.store.finish_update(update_id, status="rejected", adapter_version=None,
-                                         metrics={"plan": plan.summary()}, reason=reason, example_ids=[],
-                                         set_aside=plan.conflicts)
+                await self._finish(update_id, status="rejected", adapter_version=None,
+                                   metrics={"plan": plan.summary()}, reason=reason, example_ids=[],
+                                   set_aside=plan.conflicts)
                 log.warning("update %d: %s", update_id, reason)
                 return
-            self.store.claim_examples(update_id, plan.trained_ids)
+            trained = plan.trained_ids
+            await self.store.write(lambda s: s.claim_examples(update_id, trained), patience_s=VERDICT_PATIENCE_S)
             if self._warm is not None and not self._warm_wanted():
                 await self.close()  # switched off by a reload
             self._trainer = self._trainer_for_update()
@@ -286,70 +322,89 @@ class Updater:
                        "gate": verdict.model_dump(), "plan": plan.summary(), "timeline": self._timeline,
                        "seconds": round(time.monotonic() - t0, 2)}
             example_ids = plan.trained_ids
-            parent = None if plan.rebuild else self.registry.current()
-            info = self.registry.commit(staging, parent=parent, update_id=update_id, metrics=metrics)
+            parent = None if plan.rebuild else await asyncio.to_thread(self.registry.current)
+            info = await asyncio.to_thread(self.registry.commit, staging, parent=parent, update_id=update_id,
+                                           metrics=metrics)
             self._timeline["commit"] = time.time()
             staging = None
             if not verdict.promote:
-                self.registry.update_meta(info.version, status="rejected", reason=verdict.reason)
-                self.store.finish_update(update_id, status="rejected", adapter_version=info.version, metrics=metrics,
-                                         reason=verdict.reason, example_ids=example_ids, set_aside=plan.conflicts)
+                await asyncio.to_thread(self.registry.update_meta, info.version, status="rejected",
+                                        reason=verdict.reason)
+                await self._finish(update_id, status="rejected", adapter_version=info.version, metrics=metrics,
+                                   reason=verdict.reason, example_ids=example_ids, set_aside=plan.conflicts)
                 log.warning("update %d: %s rejected: %s", update_id, info.version, verdict.reason)
                 return
             try:
                 await self.promote(info.version)
                 self._timeline["swap"] = time.time()
             except AdapterLoadError as e:
-                self.registry.update_meta(info.version, status="rejected", reason=str(e))
-                self.store.finish_update(update_id, status="rejected", adapter_version=info.version, metrics=metrics,
-                                         reason=str(e), example_ids=example_ids, set_aside=plan.conflicts)
+                await asyncio.to_thread(self.registry.update_meta, info.version, status="rejected", reason=str(e))
+                await self._finish(update_id, status="rejected", adapter_version=info.version, metrics=metrics,
+                                   reason=str(e), example_ids=example_ids, set_aside=plan.conflicts)
                 log.error("update %d: %s not served: %s", update_id, info.version, e)
                 return
-            self.store.finish_update(update_id, status="promoted", adapter_version=info.version, metrics=metrics,
-                                     reason=None, example_ids=example_ids, set_aside=plan.conflicts)
-            if plan.rebuild:
-                purge_forgotten(self.store)  # nothing served carries them now
+            await self._finish(update_id, status="promoted", adapter_version=info.version, metrics=metrics,
+                               reason=None, example_ids=example_ids, set_aside=plan.conflicts)
+            if plan.rebuild:  # nothing served carries them now
+                await self.store.write(purge_forgotten, patience_s=VERDICT_PATIENCE_S)
             log.info("update %d: promoted %s (%s)", update_id, info.version, verdict.reason)
         except (TrainerFailed, asyncio.CancelledError, Exception) as e:
             reason = str(e) or type(e).__name__
             if isinstance(e, asyncio.CancelledError):
                 reason = self._stop_reason or "stopped by the daemon"
-                if self._trainer is not None:
-                    await self._trainer.wait_gone()  # nothing writes into the staging folder once it is removed
-            log.error("update %d failed: %s", update_id, reason)
-            self.store.finish_update(update_id, status="failed", adapter_version=None, metrics={}, reason=reason,
-                                     example_ids=[])
+            # Recorded whatever else arrives meanwhile (a second cancel must not leave the update `running`).
+            await _uncancellable(self._record_failure(update_id, reason))
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
             self._stoppable = False
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
             self._trainer = None
             self.progress = None
-            prune(self.cfg.runs_dir, self.registry, self.cfg.retention.keep_last)
+            await _uncancellable(asyncio.to_thread(self._clean_up, staging))
             self.on_change()
+
+    def _clean_up(self, staging: Path | None) -> None:
+        """After an update (in a worker thread: file I/O): its staging folder, and old runs and rejected adapters."""
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        prune(self.cfg.runs_dir, self.registry, self.cfg.retention.keep_last)
+
+    async def _record_failure(self, update_id: int, reason: str) -> None:
+        if self._trainer is not None:
+            await self._trainer.wait_gone()  # nothing writes into the staging folder once it is removed
+        log.error("update %d failed: %s", update_id, reason)
+        try:
+            await self._finish(update_id, status="failed", adapter_version=None, metrics={}, reason=reason,
+                               example_ids=[])
+        except Exception:
+            log.exception("update %d: could not record the failure (the next start marks it failed)", update_id)
+
+    async def _finish(self, update_id: int, **verdict: Any) -> None:
+        """Record an update's verdict; no client waits on it, so it may wait out another process's lock."""
+        await self.store.write(lambda s: s.finish_update(update_id, **verdict), patience_s=VERDICT_PATIENCE_S)
 
     # -- serving a version ------------------------------------------------------------------------------------------
     async def promote(self, version: str) -> None:
         """Serve `version` (a candidate that passed the gate, or an older promoted one: rollback)."""
         async with self._swap_lock:
-            self.registry.update_meta(version, status="promoted")
+            await asyncio.to_thread(self.registry.update_meta, version, status="promoted")
             await self.engine.swap_adapter(version, self.registry.path(version))
             await testhooks.hold_async("adapter-swap")  # crash tests stop here: served in memory, not on disk
-            self.registry.set_current(version)
+            await asyncio.to_thread(self.registry.set_current, version)
         self.on_change()
 
     async def rollback(self, version: str | None) -> None:
-        if version is not None and (why := self.registry.get(version).tainted):
-            raise ValueError(f"{version} was trained on forgotten data ({why}); it is not served again")
-        if version is not None and self.registry.get(version).status != "promoted":
-            raise ValueError(f"{version} was never promoted (status {self.registry.get(version).status}); "
-                             "only promoted versions can be served")
+        if version is not None:
+            info = await asyncio.to_thread(self.registry.get, version)
+            if info.tainted:
+                raise ValueError(f"{version} was trained on forgotten data ({info.tainted}); it is not served again")
+            if info.status != "promoted":
+                raise ValueError(f"{version} was never promoted (status {info.status}); only promoted versions can "
+                                 "be served")
         if version is None:
             async with self._swap_lock:
                 await self.engine.swap_adapter(None, None)
-                self.registry.set_current(None)
+                await asyncio.to_thread(self.registry.set_current, None)
             self.on_change()
         else:
             await self.promote(version)

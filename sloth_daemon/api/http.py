@@ -7,7 +7,10 @@ Daemon: `POST /sloth/feedback`, `POST /sloth/teach`, `POST /sloth/import` (datas
 `DELETE /sloth/adapters/{version}`.
 `GET /health` is 200 once the daemon serves. `GET /metrics` is the Prometheus exposition (`metrics.py`); `GET /` is
 the status page (`api/page.py`), which reads the JSON API from the browser. Every error is an OpenAI-style body with
-a 4xx/5xx status.
+a 4xx/5xx status (429 and 503 with `Retry-After`).
+The edge (`api/edge.py`) refuses bodies over `limits.max_request_bytes` (413), bodies that arrive too slowly (408)
+and cancels a route whose client hung up; `Idempotency-Key` on the generation routes makes a retry get the first
+answer; `GET /openapi.json` documents what the routes really answer (`api/openapi.py`).
 With `api_key` set every route but `/health` needs `Authorization: Bearer <key>` (`api/auth.py`); browsers on the
 origins in `cors_allowed_origins` may call the API (Starlette's CORSMiddleware; preflights need no key).
 Responses carry the turn id as `id`; that id is what `/sloth/feedback` takes. The operations themselves live in
@@ -18,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,8 +38,10 @@ from ..engine.logprobs import chat_logprobs, completion_logprobs
 from ..operations import OpError, Operations, Turn, usage, validation_error
 from ..turns import Choice, TurnDone, new_turn_id
 from .auth import bearer_key_matches, key_exempt
-from .page import mount_page
+from .edge import EdgeGuard
 from .errors import APIError
+from .openapi import install as install_openapi
+from .page import mount_page
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -46,14 +52,25 @@ from .schemas import (
     TeachRequest,
 )
 
+log = logging.getLogger(__name__)
+
 _ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error",
-                "not_found": "not_found_error", "conflict": "conflict_error", "too_large": "invalid_request_error"}
+                "not_found": "not_found_error", "conflict": "conflict_error", "too_large": "invalid_request_error",
+                "busy": "rate_limit_error"}
+MAX_INT64 = 2**63 - 1  # SQLite's INTEGER: larger ids and offsets are a 400, not an overflow deeper down
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255, description=(
+    "a retry with the same key and body within `idempotency_window_s` gets the first answer, not a new one"))]
+
+
+def _scoped(key: str | None) -> str | None:
+    return None if key is None else "http:" + key
 
 
 def api_error(e: OpError) -> APIError:
     """An operation's error as an OpenAI-style error: the category picks status and type, the reason is the code."""
     code = e.reason or ("not_found" if e.code == "not_found" else None)
-    return APIError(e.status, e.message, type=_ERROR_TYPES.get(e.code, "server_error"), param=e.param, code=code)
+    return APIError(e.status, e.message, type=_ERROR_TYPES.get(e.code, "server_error"), param=e.param, code=code,
+                    retry_after_s=e.retry_after_s)
 
 
 def route_of(app: FastAPI, scope: dict) -> str:
@@ -92,15 +109,6 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
 
     @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        limit = cfg.limits.max_request_bytes
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit:
-            return APIError(413, f"the request body is {size} bytes; the limit is {limit} (limits.max_request_bytes)",
-                            type="invalid_request_error", code="request_too_large").response()
-        return await call_next(request)
-
-    @app.middleware("http")
     async def _auth(request: Request, call_next):
         key = cfg.api_key  # read per request: a SIGHUP reload may change it
         if key and not key_exempt(request, cfg):
@@ -117,6 +125,10 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
         ops.observe_http(route_of(app, request.scope), response.status_code, time.monotonic() - t0)
         return response
 
+    # Around the key check, the metrics and the routes (only CORS is outside it): body limit and deadline, and
+    # cancelling a route whose client went away (api/edge.py).
+    app.add_middleware(EdgeGuard, limits=lambda: (cfg.limits.max_request_bytes, cfg.http_body_timeout_s))
+
     # Added last, so outermost: preflights are answered before the key check (browsers send no credentials with
     # them), and every response, a 401 included, carries the CORS headers an allowed origin needs to read it.
     app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_allowed_origins), allow_methods=["*"],
@@ -125,7 +137,7 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     # -- metrics and the status page ----------------------------------------------------------------------------
     @app.get("/metrics")
     async def metrics() -> Response:
-        body, content_type = await asyncio.to_thread(ops.metrics)  # reads the store: off the event loop
+        body, content_type = await ops.metrics()  # the store read and the rendering run off the event loop
         return Response(body, media_type=content_type)
 
     mount_page(app)
@@ -141,7 +153,7 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
 
     # -- generation ---------------------------------------------------------------------------------------------
     def _extra(done: TurnDone) -> dict:
-        return {"adapter_version": done.adapter_version, "logged": done.logged}
+        return {"adapter_version": done.adapter_version, "logged": done.logged, "journaled": done.journaled}
 
     def _message(c: Choice) -> dict:
         message: dict[str, Any] = {"role": "assistant", "content": c.message_content}
@@ -156,7 +168,7 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
 
     async def _stream(turn: Turn, include_usage: bool) -> AsyncIterator[str]:
         kind = turn.kind
-        turn_id = new_turn_id(kind)
+        turn_id = turn.replay.id if turn.replay is not None else new_turn_id(kind)
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         want_logprobs = turn.params.logprobs
@@ -192,11 +204,14 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
                                     "choices": [], "usage": usage(ev)})
         except OpError as e:
             yield _sse(api_error(e).body())
+        except Exception as e:  # the response has started: the failure goes into the stream, which still ends
+            log.exception("stream %s failed", turn_id)
+            yield _sse(APIError(500, f"internal error: {e.__class__.__name__}", type="server_error").body())
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
-        turn = ops.prepare_chat(body)
+    async def chat(body: ChatCompletionRequest, idempotency_key: IdempotencyKey = None):
+        turn = await ops.prepare_chat(body, idempotency_key=_scoped(idempotency_key))
         if body.streaming:
             return StreamingResponse(_stream(turn, body.include_usage), media_type="text/event-stream")
         done = await ops.collect(turn, transport="http")
@@ -208,8 +223,8 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
         }
 
     @app.post("/v1/completions")
-    async def complete(body: CompletionRequest):
-        turn = ops.prepare_completion(body)
+    async def complete(body: CompletionRequest, idempotency_key: IdempotencyKey = None):
+        turn = await ops.prepare_completion(body, idempotency_key=_scoped(idempotency_key))
         if body.streaming:
             return StreamingResponse(_stream(turn, body.include_usage), media_type="text/event-stream")
         done = await ops.collect(turn, transport="http")
@@ -223,19 +238,19 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     # -- learning signals ---------------------------------------------------------------------------------------
     @app.post("/sloth/feedback")
     async def feedback(body: FeedbackRequest) -> dict:
-        return ops.feedback(body)
+        return await ops.feedback(body)
 
     @app.post("/sloth/teach")
     async def teach(body: TeachRequest) -> dict:
-        return ops.teach(body)
+        return await ops.teach(body)
 
     @app.get("/sloth/examples/set-aside")
-    async def set_aside(limit: int = 100) -> dict:
-        return ops.set_aside(limit)
+    async def set_aside(limit: Annotated[int, Query(ge=1, le=MAX_INT64)] = 100) -> dict:
+        return await ops.set_aside(limit)
 
     @app.post("/sloth/examples/requeue")
     async def requeue(body: RequeueRequest) -> dict:
-        return ops.requeue(body)
+        return await ops.requeue(body)
 
     @app.post("/sloth/forget")
     async def forget(body: ForgetRequest) -> dict:
@@ -243,28 +258,28 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
 
     @app.post("/sloth/import")
     async def import_examples(body: ImportRequest) -> dict:
-        return await asyncio.to_thread(ops.import_examples, body)
+        return await ops.import_examples(body)
 
     # -- updates and adapters -----------------------------------------------------------------------------------
     @app.get("/sloth/status")
     async def status() -> dict:
-        return ops.status()
+        return await ops.status()
 
     @app.post("/sloth/updates", status_code=202)
     async def trigger() -> dict:
-        return ops.trigger_update()
+        return await ops.trigger_update()
 
     @app.get("/sloth/updates")
-    async def updates(limit: int = 20) -> dict:
-        return ops.updates(limit)
+    async def updates(limit: Annotated[int, Query(ge=1, le=MAX_INT64)] = 20) -> dict:
+        return await ops.updates(limit)
 
     @app.get("/sloth/updates/{update_id}")
-    async def update(update_id: int) -> dict:
-        return ops.update(update_id)
+    async def update(update_id: Annotated[int, Path(ge=1, le=MAX_INT64)]) -> dict:
+        return await ops.update(update_id)
 
     @app.get("/sloth/adapters")
     async def adapters() -> dict:
-        return ops.adapters()
+        return await ops.adapters()
 
     @app.delete("/sloth/adapters/{version}")
     async def remove_adapter(version: str) -> dict:
@@ -275,7 +290,9 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
         return await ops.rollback(body)
 
     @app.get("/sloth/interactions")
-    async def interactions(limit: int = 50, offset: int = 0) -> dict:
-        return ops.interactions(limit, offset)
+    async def interactions(limit: Annotated[int, Query(ge=1, le=MAX_INT64)] = 50,
+                           offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0) -> dict:
+        return await ops.interactions(limit, offset)
 
+    install_openapi(app)
     return app

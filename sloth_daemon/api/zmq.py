@@ -12,7 +12,10 @@ Contract (wire format: `api/zmq_protocol.py` and docs/zmq-protocol.md):
   unreadable); messages over `max_message_bytes` get `too_large`, frames over twice that are cut off by libzmq
   (ZMQ_MAXMSGSIZE), which drops the connection; a client has at most `max_inflight` requests at once (`busy`).
   Sends never block: a peer that is gone (EHOSTUNREACH, via ROUTER_MANDATORY) or does not read for
-  `SEND_TIMEOUT_S` has its requests cancelled; an unfinished turn is then not logged.
+  `SEND_TIMEOUT_S` has its requests cancelled; an unfinished turn is then not logged. A socket monitor reports each
+  connection that closes (by its file descriptor, which `ZMQ_SRCFD` ties to the peers that sent on it): those
+  peers' requests are cancelled at once, non-streaming ones too. A `chat`/`complete` retried with the same
+  `idempotency_key` gets the first answer (`Operations` idempotency, as HTTP's `Idempotency-Key`).
 - With an API key configured (`api_key`, read per request: a SIGHUP reload may change it), requests on TCP endpoints
   must carry it as `key`; IPC sockets rely on file permissions.
 """
@@ -28,12 +31,13 @@ import os
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.base import TextDelta
@@ -62,16 +66,23 @@ class ZmqBindError(RuntimeError):
     """An address could not be bound (in use, bad path, permissions)."""
 
 
+MAX_INT64 = 2**63 - 1  # SQLite's INTEGER: larger ids and offsets are refused, not overflowed deeper down
+
+
 class _UpdatesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    limit: int = 20
-    update_id: int | None = None
+    limit: int = Field(20, ge=1, le=MAX_INT64)
+    update_id: int | None = Field(None, ge=1, le=MAX_INT64)
 
 
 class _InteractionsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    limit: int = 50
-    offset: int = 0
+    limit: int = Field(50, ge=1, le=MAX_INT64)
+    offset: int = Field(0, ge=0, le=MAX_INT64)
+
+
+class _IdempotencyKey(BaseModel):
+    idempotency_key: str = Field(min_length=1, max_length=255)
 
 
 class _CancelRequest(BaseModel):
@@ -86,6 +97,9 @@ class _Endpoint:
     sock: zmq.asyncio.Socket
     tcp: bool  # requests need the API key (when one is set: it is read per request, a reload may change it)
     ipc_path: Path | None
+    # Which peers (identities) came in over which connection (file descriptor): a disconnect (socket monitor) names
+    # the descriptor, and the requests of its peers are cancelled at once.
+    peers_by_fd: dict[int, set[bytes]] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,7 +131,8 @@ def _error(rid: Any, code: str, message: str, **extra: Any) -> dict:
 
 
 def _op_error(rid: Any, e: OpError) -> dict:
-    return _error(rid, e.code, e.message, param=e.param, reason=e.reason)
+    extra = {"retry_after_s": e.retry_after_s} if e.retry_after_s is not None else {}
+    return _error(rid, e.code, e.message, param=e.param, reason=e.reason, **extra)
 
 
 class ZmqServer:
@@ -145,6 +160,7 @@ class ZmqServer:
         loop = asyncio.get_running_loop()
         for ep in self.endpoints:
             self._recv_tasks.append(loop.create_task(self._recv_loop(ep), name=f"zmq-recv-{ep.address}"))
+            self._recv_tasks.append(loop.create_task(self._watch_disconnects(ep), name=f"zmq-mon-{ep.address}"))
             log.info("ZeroMQ API on %s", ep.address)
 
     async def stop(self) -> None:
@@ -231,7 +247,10 @@ class ZmqServer:
     async def _recv_loop(self, ep: _Endpoint) -> None:
         while True:
             try:
-                frames = await ep.sock.recv_multipart()
+                parts = await ep.sock.recv_multipart(copy=False)
+                frames = [p.bytes for p in parts]
+                with contextlib.suppress(zmq.ZMQError):
+                    ep.peers_by_fd.setdefault(parts[-1].get(zmq.SRCFD), set()).add(frames[0])
             except zmq.ZMQError as e:
                 if e.errno in (zmq.ETERM, zmq.ENOTSOCK):
                     return
@@ -245,6 +264,21 @@ class ZmqServer:
             # A queued message is received without suspending; yield so that a flood of messages cannot starve the
             # requests already running (and every request task starts before a cancel for it can arrive).
             await asyncio.sleep(0)
+
+    async def _watch_disconnects(self, ep: _Endpoint) -> None:
+        """Cancel the requests of peers whose connection closed (a client that hangs up: no reply can reach it)."""
+        mon = ep.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
+        try:
+            while True:
+                event = parse_monitor_message(await mon.recv_multipart())
+                peers = ep.peers_by_fd.pop(int(event["value"]), set())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    for identity in peers:
+                        self._peer_gone(ep.index, identity)
+        except zmq.ZMQError:
+            return
+        finally:
+            mon.close(linger=0)
 
     def _dispatch(self, ep: _Endpoint, frames: list[bytes]) -> None:
         identity, rest = frames[0], frames[1:]
@@ -362,29 +396,29 @@ class ZmqServer:
     async def _call(self, op: str, fields: dict) -> dict:
         ops = self.ops
         if op == "feedback":
-            return ops.feedback(parse(FeedbackRequest, fields))
+            return await ops.feedback(parse(FeedbackRequest, fields))
         if op == "teach":
-            return ops.teach(parse(TeachRequest, fields))
+            return await ops.teach(parse(TeachRequest, fields))
         if op == "status":
-            return ops.status()
+            return await ops.status()
         if op == "trigger_update":
-            return ops.trigger_update()
+            return await ops.trigger_update()
         if op == "models":
             return ops.models()
         if op == "updates":
             q = parse(_UpdatesQuery, fields)
-            return ops.update(q.update_id) if q.update_id is not None else ops.updates(q.limit)
+            return await (ops.update(q.update_id) if q.update_id is not None else ops.updates(q.limit))
         if op == "adapters":
-            return ops.adapters()
+            return await ops.adapters()
         if op == "rollback":
             return await ops.rollback(parse(RollbackRequest, fields))
         if op == "interactions":
             q = parse(_InteractionsQuery, fields)
-            return ops.interactions(q.limit, q.offset)
+            return await ops.interactions(q.limit, q.offset)
         if op == "set_aside":
-            return ops.set_aside(parse(_InteractionsQuery, fields).limit)
+            return await ops.set_aside(parse(_InteractionsQuery, fields).limit)
         if op == "requeue":
-            return ops.requeue(parse(RequeueRequest, fields))
+            return await ops.requeue(parse(RequeueRequest, fields))
         if op == "forget":
             return await ops.forget(parse(ForgetRequest, fields))
         if op == "remove_adapter":
@@ -393,12 +427,17 @@ class ZmqServer:
 
     async def _generate(self, req: _Request, op: str, fields: dict) -> None:
         fields.setdefault("model", self.ops.model_name)
+        # `idempotency_key` (HTTP: the Idempotency-Key header): a retry with it gets the first answer. Request ids are
+        # no such key: clients number them per connection, so unrelated clients send the same ids.
+        key = fields.pop("idempotency_key", None)
+        if key is not None:
+            key = parse(_IdempotencyKey, {"idempotency_key": key}).idempotency_key
         if op == "chat":
             body: ChatCompletionRequest | CompletionRequest = parse(ChatCompletionRequest, fields)
-            turn = self.ops.prepare_chat(body)
+            turn = await self.ops.prepare_chat(body, idempotency_key=key and "zmq:" + key)
         else:
             body = parse(CompletionRequest, fields)
-            turn = self.ops.prepare_completion(body)
+            turn = await self.ops.prepare_completion(body, idempotency_key=key and "zmq:" + key)
         events = self.ops.run(turn, transport="zmq")
         async with contextlib.aclosing(events):
             async for ev in events:
@@ -411,7 +450,8 @@ class ZmqServer:
                     await self._send(req, {
                         "v": VERSION, "id": req.id, "type": "final", "interaction_id": ev.id, "text": ev.text,
                         "finish_reason": ev.finish_reason, "usage": usage(ev), "adapter_version": ev.adapter_version,
-                        "logged": ev.logged, "model": self.ops.model_name, "choices": _choices(op, ev)})
+                        "logged": ev.logged, "journaled": ev.journaled, "model": self.ops.model_name,
+                        "choices": _choices(op, ev)})
                     return
 
     # -- sending --------------------------------------------------------------------------------------------------
@@ -449,6 +489,16 @@ class ZmqServer:
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    def _peer_gone(self, index: int, identity: bytes) -> None:
+        """The peer disconnected: cancel what it still runs (generation stops at the next token; nothing is logged)."""
+        requests = self._clients.get((index, identity), {})
+        if requests:
+            log.info("zmq: a client disconnected; cancelling its %d request(s)", len(requests))
+        for req in list(requests.values()):
+            if req.task is not None:
+                req.cancel_reason = "gone"
+                req.task.cancel()
 
     def _drop_client(self, req: _Request, why: str) -> None:
         log.info("zmq: client on %s is %s; cancelling its requests", req.ep.address, why)

@@ -7,14 +7,16 @@ Contract (both engines pass `tests/engine_contract.py`):
   applies it (`probe`), flips new requests to it atomically, waits for requests pinned to the old version to finish,
   then unloads the old one. On failure the old version keeps serving and `AdapterLoadError` says why.
   `swap_adapter(None, None)` goes back to the base model the same way.
-- `validate(request)` raises `RequestTooLong` before any work when prompt + max_tokens exceed the model's context,
-  and `InvalidParam` (naming the request field) for a sampling field the model cannot take (e.g. a `logit_bias`
-  token id outside its vocabulary).
+- `prepare(request)` checks the request and renders and tokenises its prompt once (callers run it in a worker
+  thread: it is CPU work), returning the request with its `prompt_ids`; `generate` uses those ids as they are (a
+  request without them is prepared first). It raises `RequestTooLong` before any work when prompt + max_tokens
+  exceed the model's context, `InvalidParam` (naming the request field) for a sampling field the model cannot take
+  (e.g. a `logit_bias` token id outside its vocabulary), and `prompting.ChatTemplateError` when the chat template
+  refuses the messages. `validate(request)` is `prepare` that returns the prompt's token count.
 - With `params.n` > 1 the engine generates n choices for one prompt: `TextDelta`s and `Finished` carry the choice's
   `index`; every choice ends with its own `Finished` and the stream ends after the last one. `TextDelta.logprobs`
   holds the logprobs of the tokens whose text that delta completes (when `params.logprobs`), so the deltas' logprobs
   joined are the choice's `Finished.logprobs`.
-- `validate(request)` raises `prompting.ChatTemplateError` when the chat template refuses the messages.
 - Both render prompts with `prompting.render_prompt` and the tokenizer `chat_template.load_tokenizer` gives them
   (`chat_format` says which template), as the trainer does.
 """
@@ -85,6 +87,7 @@ class GenerationRequest:
     prompt: Prompt
     params: SamplingParams = field(default_factory=SamplingParams)
     tools: list[dict] | None = None
+    prompt_ids: tuple[int, ...] | None = None  # the rendered prompt's tokens, once `Engine.prepare` has made them
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,10 @@ class Engine(Protocol):
 
     @property
     def current_adapter(self) -> str | None: ...
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its `prompt_ids`; raises RequestTooLong."""
+        ...
 
     def validate(self, request: GenerationRequest) -> int:
         """Return the prompt's token count or raise RequestTooLong."""

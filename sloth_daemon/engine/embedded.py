@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import sys
@@ -246,11 +247,7 @@ class EmbeddedEngine:
         yield
 
     # -- requests -------------------------------------------------------------------------------------------------
-    def validate(self, request: GenerationRequest) -> int:
-        return len(self._checked_prompt_ids(request))
-
-    def _checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """The request's prompt as token ids, once every check of `validate` passed."""
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
         bad = [tok for tok, _ in request.params.logit_bias if not 0 <= tok < self.vocab_size]
         if bad:
             raise InvalidParam("logit_bias", f"logit_bias: token id {bad[0]} is not in the model's vocabulary "
@@ -264,10 +261,15 @@ class EmbeddedEngine:
                 f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds the model's context "
                 f"length ({self.max_model_len})"
             )
-        return ids
+        return dataclasses.replace(request, prompt_ids=tuple(ids))
+
+    def validate(self, request: GenerationRequest) -> int:
+        return len(self.prepare(request).prompt_ids or ())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        prompt_ids = self._checked_prompt_ids(request)
+        if request.prompt_ids is None:
+            request = self.prepare(request)
+        prompt_ids = list(request.prompt_ids or ())
         adapter = self._current  # pinned now: a swap after this point does not change this request
         self._pins[adapter] = self._pins.get(adapter, 0) + 1
         loop, events = asyncio.get_running_loop(), asyncio.Queue()

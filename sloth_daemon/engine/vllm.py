@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -137,14 +138,17 @@ class VllmEngine:
                 f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds the model's context "
                 f"length ({self.max_model_len})")
 
-    def validate(self, request: GenerationRequest) -> int:
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
         bad = [tok for tok, _ in request.params.logit_bias if not 0 <= tok < self.vocab_size]
         if bad:
             raise InvalidParam("logit_bias", f"logit_bias: token id {bad[0]} is not in the model's vocabulary "
                                              f"(0-{self.vocab_size - 1})")
-        n = len(self._prompt_ids(request))
-        self._check_len(n, request)
-        return n
+        ids = self._prompt_ids(request)
+        self._check_len(len(ids), request)
+        return dataclasses.replace(request, prompt_ids=tuple(ids))
+
+    def validate(self, request: GenerationRequest) -> int:
+        return len(self.prepare(request).prompt_ids or ())
 
     async def _admitted(self) -> None:
         """Wait while serving pauses (a base<->adapter swap, sleep mode); fail at once while vLLM restarts."""
@@ -155,8 +159,9 @@ class VllmEngine:
             await self.server.ready.wait()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        prompt_ids = self._prompt_ids(request)
-        self._check_len(len(prompt_ids), request)
+        if request.prompt_ids is None:
+            request = self.prepare(request)
+        prompt_ids = list(request.prompt_ids or ())
         await self._admitted()
         current = self._current  # pinned now: a swap after this point does not change this request
         version, served = current if current else (None, self.model_name)

@@ -2,11 +2,13 @@
 
 A fresh trainer process per update loads the base checkpoint and quantises it to NF4 every time (53 s of a 124 s
 update for an 8B model on the H200, issue 17); a warm one pays that once. Isolation stays as with
-`process.TrainerProcess`: the child runs `python -m sloth_daemon.trainer --serve DIR` in its own process group (a
-signal to it never reaches the daemon, and it dies with the daemon: PR_SET_PDEATHSIG); one job at a time.
+`process.TrainerProcess`: the child runs `python -P -m sloth_daemon.trainer --serve DIR` in DIR (the runs folder:
+no module is imported from the daemon's working directory) in its own process group (a signal to it never reaches
+the daemon, and it dies with the daemon: PR_SET_PDEATHSIG), without the API key in its environment; one job at a
+time.
 
 Contract (the same `run`/`cancel`/`wait_gone` as `TrainerProcess`, so the updater can use either):
-- `run(job, run_dir, on_progress, timeout_s)` writes `run_dir/job.json`, starts the child if none is alive, hands it
+- `run(job, run_dir, on_progress, timeout_s)` writes `run_dir/job.json` (0600, as `process.write_job_file`), starts the child if none is alive, hands it
   the job, passes progress events on, and returns the job's `TrainResult` (`warm=True` when the base was already
   loaded). The child's stderr for that job goes to `run_dir/trainer.log`.
 - A child that dies, prints no result or runs past `timeout_s` raises `TrainerFailed`; it is killed and forgotten,
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from .job import TrainJob, TrainResult
-from .process import TrainerFailed, kill_group, trainer_env
+from .process import TrainerFailed, kill_group, trainer_env, write_job_file
 
 
 class WarmTrainer:
@@ -57,13 +59,13 @@ class WarmTrainer:
     async def _ensure(self) -> asyncio.subprocess.Process:
         if self._proc is not None and self._proc.returncode is None:
             return self._proc
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 # The log's folder on the command line says whose trainer it is (ps, the crash tests).
-                sys.executable, "-m", "sloth_daemon.trainer", "--serve", str(self.log_path.parent),
+                sys.executable, "-P", "-m", "sloth_daemon.trainer", "--serve", str(self.log_path.parent),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
-                start_new_session=True, env=trainer_env(os.environ), limit=1 << 24,
+                start_new_session=True, env=trainer_env(os.environ), limit=1 << 24, cwd=self.log_path.parent,
             )
         return self._proc
 
@@ -71,8 +73,7 @@ class WarmTrainer:
         """Start the child and have it load `job`'s base now (without waiting for it), so that the first update
         finds the base loaded. Only the base model, quantisation and device of `job` matter."""
         job_file = self.log_path.parent / "warm-preload.json"
-        job_file.parent.mkdir(parents=True, exist_ok=True)
-        job_file.write_text(job.model_dump_json())
+        await asyncio.to_thread(write_job_file, job_file, job.model_dump_json())
         proc = await self._ensure()
         assert proc.stdin is not None
         request = {"job": str(job_file), "log": str(self.log_path), "preload": True}
@@ -80,9 +81,8 @@ class WarmTrainer:
         await proc.stdin.drain()
 
     async def run(self, job: TrainJob, run_dir: Path, on_progress: Callable[[dict], None], timeout_s: float) -> TrainResult:
-        run_dir.mkdir(parents=True, exist_ok=True)
         job_file = run_dir / "job.json"
-        job_file.write_text(job.model_dump_json())
+        await asyncio.to_thread(write_job_file, job_file, job.model_dump_json())
         log_file = run_dir / "trainer.log"
         proc = await self._ensure()
         assert proc.stdin is not None
