@@ -483,6 +483,7 @@ class Operations:
 
     async def requeue(self, body: RequeueRequest) -> dict:
         """Make set-aside examples pending again (all when no ids are given)."""
+        check_text(body)
         return await self._write(lambda s: {"requeued": s.requeue(body.example_ids),
                                             "pending_examples": s.count_pending()})
 

@@ -88,7 +88,8 @@ def _sse(obj: Any) -> str:
 
 def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     """The FastAPI app over `ops`; `lifespan` starts and stops the daemon around serving."""
-    app = FastAPI(title="sloth-daemon", version="0.1.0", lifespan=lifespan)
+    # No redirects for a trailing slash: every answer is one the OpenAPI schema documents (a 404 for unknown paths).
+    app = FastAPI(title="sloth-daemon", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     cfg = ops.cfg
 
     @app.exception_handler(APIError)

@@ -383,7 +383,8 @@ class ForgetRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     example_ids: list[str] = Field([], description="training examples (ids as teach, feedback and status give them)")
-    feedback_ids: list[int] = Field([], description="feedback (ids as /sloth/feedback and /sloth/interactions give)")
+    feedback_ids: list[Annotated[int, Field(ge=1, le=INT64_MAX)]] = Field(
+        [], description="feedback (ids as /sloth/feedback and /sloth/interactions give)")
     interaction_ids: list[str] = Field([], description="logged turns (response ids), with their feedback")
     conversation: str | None = Field(None, description="a turn id: every turn of its conversation")
     since: str | None = Field(None, description="ISO-8601 time: what was created at or after it")
