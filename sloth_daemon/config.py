@@ -64,6 +64,17 @@ class TrainConfig(_Section):
         "auto", description="with pack: merge consecutive batches into optimizer steps of about this many tokens; "
         "0 = one batch per step; auto = 4096 on CUDA, 0 on CPU"
     )
+    devices: list[str] = Field(
+        [], description="where updates train: GPUs as cuda:N or N (several = one update across them: torchrun + "
+        "FSDP), or cpu (repeated: that many CPU processes); empty = where the engine serves (`device`)"
+    )
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, v: Any) -> list[str]:
+        from .placement import check_train_devices
+
+        return check_train_devices(v)
 
     @field_validator("step_tokens")
     @classmethod
@@ -158,6 +169,9 @@ class VllmConfig(_Section):
     )
     max_model_len: int | None = Field(None, ge=16, description="context length; unset = the model's own")
     dtype: str = Field("auto", description="vLLM --dtype (auto, bfloat16, float16, float32)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM --tensor-parallel-size: GPUs one server spans (from `device`'s index on)"
+    )
     max_loras: int = Field(2, ge=2, description="adapters in one batch (old and new during a swap: at least 2)")
     max_lora_rank: int | None = Field(None, ge=1, description="unset = from train.lora_r (rounded up for vLLM)")
     startup_timeout_s: float = Field(600, gt=0, description="vLLM must answer /health within this")
@@ -225,7 +239,7 @@ class DaemonConfig(_Section):
         [], description="browser origins (scheme://host[:port], or '*') allowed to call the HTTP API; empty = none"
     )
     engine: Literal["embedded", "vllm"] = "embedded"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", description="where the engine serves: auto, cpu, cuda or cuda:N (placement.py)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
     shutdown_grace_s: float = Field(
@@ -267,6 +281,13 @@ class DaemonConfig(_Section):
                         "://" not in origin or origin.endswith("/") or origin.count("/") > 2):
                     raise ValueError(f"{origin!r}: an origin is scheme://host[:port] with no path (or '*')")
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        from .placement import check_device
+
+        return check_device(v)
 
     @field_validator("umask", mode="before")
     @classmethod

@@ -85,8 +85,22 @@ def make_engine(cfg: DaemonConfig, model_path: Path, model_name: str) -> Engine:
         from .engine.vllm import VllmEngine
 
         return VllmEngine(model_path, model_name=model_name, cfg=cfg.vllm, lora_rank=cfg.train.lora_r,
-                          chat_template=cfg.chat_template)
+                          chat_template=cfg.chat_template, device=cfg.device)
     raise NotImplementedError(f"engine {cfg.engine!r} is not available in this build")
+
+
+def check_gpus(cfg: DaemonConfig) -> None:
+    """Refuse to start when `device` or `train.devices` names a GPU this machine lacks (`ConfigError`)."""
+    import torch
+
+    from .placement import check_available
+
+    if cfg.device.startswith("cuda") or any(d.startswith("cuda") for d in cfg.train.devices):
+        tp = cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1
+        try:
+            check_available(cfg.train.devices, cfg.device, tp, torch.cuda.device_count())
+        except ValueError as e:
+            raise ConfigError(f"invalid configuration:\n  {e}") from None
 
 
 def resolve_model(cfg: DaemonConfig) -> tuple[Path, str]:
@@ -148,6 +162,7 @@ class Daemon:
             await asyncio.to_thread(self._disown_unserved_adapters, interrupted["id"])
         await mark_tainted(self.store, self.registry)  # a crash right after a forget request left the registry behind
         await asyncio.to_thread(prune, cfg.runs_dir, self.registry, cfg.retention.keep_last)
+        check_gpus(cfg)
         self.notifier.status("starting: loading the model")
         model_path, self.model_name = await asyncio.to_thread(resolve_model, cfg)
         self.engine = make_engine(cfg, model_path, self.model_name)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -43,10 +44,12 @@ from .adapters import AdapterRegistry
 from .config import DaemonConfig
 from .engine.base import AdapterLoadError, Engine
 from .gate import judge
+from .placement import TrainPlacement, train_placement
 from .planning import Plan, plan_update
 from .housekeeping import prune
 from .progress import training_progress
 from .trainer.job import LoraSpec, TrainExample, TrainJob
+from .trainer.launch import Launch
 from .trainer.plan import planned_steps, step_tokens
 from .trainer.process import TrainerFailed, TrainerProcess
 from .trainer.warm import WarmTrainer
@@ -206,28 +209,36 @@ class Updater:
 
     def _warm_wanted(self) -> bool:
         # A vLLM that sleeps through updates wants the GPU back whole afterwards: no base may stay resident.
-        return self.cfg.train.warm and not (self.cfg.engine == "vllm" and self.cfg.vllm.sleep_during_updates)
+        # Several trainer processes (torchrun) cannot be a warm trainer: each update starts them afresh.
+        return (self.cfg.train.warm and not (self.cfg.engine == "vllm" and self.cfg.vllm.sleep_during_updates)
+                and self._placement().processes == 1)
 
     def _trainer_for_update(self) -> TrainerProcess | WarmTrainer:
+        launch = Launch.for_placement(self._placement())
         if not self._warm_wanted():
-            return TrainerProcess()
+            return TrainerProcess(launch)
+        if self._warm is not None and self._warm.launch != launch:
+            raise RuntimeError("the warm trainer runs on other devices; close it first")
         if self._warm is None:
-            self._warm = WarmTrainer(self.cfg.runs_dir / "warm-trainer.log")
+            self._warm = WarmTrainer(self.cfg.runs_dir / "warm-trainer.log", launch)
         return self._warm
 
     # -- the update itself ----------------------------------------------------------------------------------------
+    def _placement(self) -> TrainPlacement:
+        """Where the next update trains (`train.devices`, else the engine's `device`; `placement.py`)."""
+        return train_placement(self.cfg.train.devices, self.cfg.device, os.environ,
+                               cuda_available=torch.cuda.is_available())
+
     def _device(self) -> str:
-        if self.cfg.device != "auto":
-            return self.cfg.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return self._placement().device
 
     def _kernels(self, device: str) -> bool:
         tc = self.cfg.train
-        return (device == "cuda") if tc.kernels == "auto" else tc.kernels == "on"
+        return device.startswith("cuda") if tc.kernels == "auto" else tc.kernels == "on"
 
     def _quantize(self, device: str) -> str:
         tc = self.cfg.train
-        return ("nf4" if device == "cuda" else "none") if tc.quantize == "auto" else tc.quantize
+        return ("nf4" if device.startswith("cuda") else "none") if tc.quantize == "auto" else tc.quantize
 
     def _job(self, update_id: int, staging: Path, pending: list, replay: list, anchors: list,
              forgotten: list | None) -> tuple[TrainJob | None, Plan]:
@@ -305,9 +316,13 @@ class Updater:
                 return
             trained = plan.trained_ids
             await self.store.write(lambda s: s.claim_examples(update_id, trained), patience_s=VERDICT_PATIENCE_S)
-            if self._warm is not None and not self._warm_wanted():
-                await self.close()  # switched off by a reload
+            if self._warm is not None and (not self._warm_wanted()
+                                           or self._warm.launch != Launch.for_placement(self._placement())):
+                await self.close()  # switched off, or moved to other devices, by a reload
             self._trainer = self._trainer_for_update()
+            placement = self._placement()
+            log.info("update %d trains on %s (%d process%s)", update_id, ", ".join(placement.devices),
+                     placement.processes, "es" if placement.processes > 1 else "")
             self._timeline["job"] = time.time()
             # An engine may lend the trainer its GPU memory meanwhile (vLLM's sleep mode); serving pauses then.
             training = getattr(self.engine, "training", None)

@@ -63,13 +63,13 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(self, model_path: str | Path, *, model_name: str, cfg: Any, lora_rank: int = 16,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, device: str = "auto"):
         self.model_path = Path(model_path)
         self.model_name = model_name
         self.chat_template = chat_template  # the config's Jinja file, if any (`sloth_daemon.chat_template`)
         self.chat_format: ChatFormat | None = None
         self.cfg = cfg  # config.VllmConfig
-        self.server = VllmServer(self.model_path, model_name, cfg, lora_rank=lora_rank)
+        self.server = VllmServer(self.model_path, model_name, cfg, lora_rank=lora_rank, device=device)
         self.server.on_restart = self._restore_after_restart
         self.max_model_len = 2048
         self._tokenizer: Any = None

@@ -5,7 +5,9 @@ Contract:
   `VllmStartError` after `cfg.startup_timeout_s`, with the tail of vLLM's log). With `cfg.url` set nothing is
   started: the server there is waited for and used as it is (how serving scales past one box).
 - Started mode runs `command()` (`<python> -m vllm.entrypoints.openai.api_server --model ... --enable-lora ...`
-  on 127.0.0.1 and a free port) with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, in its own process group that dies
+  on 127.0.0.1 and a free port, `--tensor-parallel-size` when `cfg.tensor_parallel_size` > 1) with
+  `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and, when the daemon's `device` is `cuda:N`, `CUDA_VISIBLE_DEVICES` of
+  GPUs N.. (`placement.serving_env`), in its own process group that dies
   with the daemon (PR_SET_PDEATHSIG). Every line vLLM prints goes to the `sloth_daemon.vllm` logger.
 - If the process dies while the daemon runs, it is started again after a backoff (1 s doubling to 30 s, reset after
   a start that lived 60 s), and `on_restart()` (set by the engine: reload the current adapter) runs once it is
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import httpx
+
+from ..placement import serving_env
 
 log = logging.getLogger("sloth_daemon.vllm")
 
@@ -60,8 +64,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class VllmServer:
-    def __init__(self, model_path: Path, served_name: str, cfg: Any, *, lora_rank: int = 16):
+    def __init__(self, model_path: Path, served_name: str, cfg: Any, *, lora_rank: int = 16, device: str = "auto"):
         self.model_path = Path(model_path)
+        self.device = device  # the config's `device`: cuda:N pins the server to GPUs N.. (`placement.serving_env`)
         self.served_name = served_name
         self.cfg = cfg  # a config.VllmConfig
         self.lora_rank = lora_rank_for(cfg.max_lora_rank or lora_rank)
@@ -89,6 +94,8 @@ class VllmServer:
                "--gpu-memory-utilization", str(c.gpu_memory_utilization), "--dtype", c.dtype]
         if c.max_model_len:
             cmd += ["--max-model-len", str(c.max_model_len)]
+        if getattr(c, "tensor_parallel_size", 1) > 1:
+            cmd += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
         if c.sleep_during_updates:
             cmd += ["--enable-sleep-mode"]
         return cmd + shlex.split(c.extra_args)
@@ -96,6 +103,7 @@ class VllmServer:
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "SLOTH_API_KEY"}  # vLLM has no use for the daemon's key
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env.update(serving_env(self.device, getattr(self.cfg, "tensor_parallel_size", 1), os.environ))
         if self.cfg.sleep_during_updates:
             env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep and /wake_up are dev-mode endpoints
         return env

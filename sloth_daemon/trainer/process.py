@@ -7,6 +7,8 @@ working directory or the run folder; `SLOTH_API_KEY` not in its environment), pa
 `on_progress`, appends the child's stderr to `run_dir/trainer.log`, and returns the `TrainResult`; a child that
 crashes, exits non-zero, prints no result or runs past `timeout_s` raises `TrainerFailed` (the child is killed
 first). `cancel()` kills a running child.
+`TrainerProcess(launch)` starts it as `launch` says (`launch.py`: one process, or torchrun over several devices,
+with the placement's environment added).
 The child runs in its own process group so a signal to it never reaches the daemon, and its staging folder is the
 caller's to remove.
 """
@@ -17,13 +19,13 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Callable
 
 from sloth_kernels.allocator import with_expandable_segments
 
 from .job import TrainJob, TrainResult
+from .launch import Launch
 
 # Secrets the child has no use for (its job file carries all it needs): not passed on.
 SECRET_ENV = ("SLOTH_API_KEY",)
@@ -65,7 +67,8 @@ def kill_group(proc: asyncio.subprocess.Process | None) -> None:
 
 
 class TrainerProcess:
-    def __init__(self) -> None:
+    def __init__(self, launch: Launch | None = None) -> None:
+        self.launch = launch or Launch()  # one process, or torchrun over several devices (`launch.py`)
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -86,9 +89,9 @@ class TrainerProcess:
         log = await asyncio.to_thread(_prepare_run_dir, run_dir, job_file, job.model_dump_json())
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-P", "-m", "sloth_daemon.trainer", str(job_file),
+                *self.launch.command(str(job_file)),
                 stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
-                env=trainer_env(os.environ), cwd=run_dir,
+                env={**trainer_env(os.environ), **self.launch.env}, cwd=run_dir,
             )
             try:
                 result = await asyncio.wait_for(self._follow(on_progress), timeout_s)

@@ -23,17 +23,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
 from .job import TrainJob, TrainResult
+from .launch import Launch
 from .process import TrainerFailed, kill_group, trainer_env, write_job_file
 
 
 class WarmTrainer:
-    def __init__(self, log_path: Path):
+    def __init__(self, log_path: Path, launch: Launch | None = None):
         self.log_path = log_path  # the child's stderr before its first job, and its start-up errors
+        self.launch = launch or Launch()  # a single process (`Launch.warm`); its env holds the placement's GPUs
+        if not self.launch.warm:
+            raise ValueError("a warm trainer is one process; several devices train in a fresh torchrun per update")
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -63,9 +66,9 @@ class WarmTrainer:
         with open(self.log_path, "ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 # The log's folder on the command line says whose trainer it is (ps, the crash tests).
-                sys.executable, "-P", "-m", "sloth_daemon.trainer", "--serve", str(self.log_path.parent),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
-                start_new_session=True, env=trainer_env(os.environ), limit=1 << 24, cwd=self.log_path.parent,
+                *self.launch.command("--serve", str(self.log_path.parent)),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+                env={**trainer_env(os.environ), **self.launch.env}, limit=1 << 24, cwd=self.log_path.parent,
             )
         return self._proc
 
