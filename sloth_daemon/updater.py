@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -215,6 +216,9 @@ class Updater:
 
     def _trainer_for_update(self) -> TrainerProcess | WarmTrainer:
         launch = Launch.for_placement(self._placement())
+        if launch.processes > 1 and importlib.util.find_spec("sloth_daemon.trainer.distributed") is None:
+            raise RuntimeError(f"train.devices names {launch.processes} devices, and training across devices is "
+                               "not in this build yet: name one device")
         if not self._warm_wanted():
             return TrainerProcess(launch)
         if self._warm is not None and self._warm.launch != launch:
