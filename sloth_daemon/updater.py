@@ -335,9 +335,13 @@ class Updater:
                     job, self.cfg.runs_dir / f"update-{update_id:06d}",
                     lambda ev: self._on_progress(update_id, ev), self.cfg.train.timeout_s,
                 )
+            await testhooks.hold_async("update-trained")  # tests act here: trained, status still shows it running
             self._stoppable = False
             verdict = judge(result.eval, self.cfg.gate, heldout_note=plan.heldout_note, rebuild=plan.rebuild)
-            metrics = {"train": result.model_dump(exclude={"eval"}), "eval": {k: v.model_dump() for k, v in result.eval.items()},
+            # The loss curve that status showed live stays in the record (the page plots it once the update is done).
+            curve = (self.progress or {}).get("loss_curve", [])
+            metrics = {"train": {**result.model_dump(exclude={"eval"}), "loss_curve": curve},
+                       "eval": {k: v.model_dump() for k, v in result.eval.items()},
                        "gate": verdict.model_dump(), "plan": plan.summary(), "timeline": self._timeline,
                        "seconds": round(time.monotonic() - t0, 2)}
             example_ids = plan.trained_ids

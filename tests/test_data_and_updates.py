@@ -7,8 +7,10 @@ chromium (Debian's, driven by Selenium through its chromedriver)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,13 +40,30 @@ def daemon(tmp_path_factory, tiny_model):
 
     state = tmp_path_factory.mktemp("operate") / "state"
     shutil.copytree(tiny_model, state / "models" / tiny_model.name)
+    hooks = state.parent / "hooks"
+    hooks.mkdir()
     d = DaemonProcess(state, env={"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_API_KEY": API_KEY,
+                                  "SLOTH_TESTHOOK_DIR": str(hooks),
                                   "SLOTH_ANCHORS_ENABLED": "false", "SLOTH_TRAIN_STEPS": "12",
                                   "SLOTH_TRAIN_BATCH_SIZE": "2", "SLOTH_GATE_MAX_EVAL_EXAMPLES": "16",
                                   "SLOTH_TRAIN_MAX_SEQ_LEN": "96", "SLOTH_RETENTION_KEEP_LAST": "1",
                                   "SLOTH_METRICS_OPEN_ON_LOOPBACK": "true"}).start(timeout=600)
+    d.hooks = hooks
     yield d
     d.stop()
+
+
+@contextlib.contextmanager
+def held_after_training(daemon):
+    """Updates started meanwhile wait after training (status shows them running, whole loss curve), until the end
+    of the block: a warm trainer finishes one taught pair in about a second, faster than a client polls."""
+    pause, paused = daemon.hooks / "pause-update-trained", daemon.hooks / "paused-update-trained"
+    paused.unlink(missing_ok=True)
+    pause.touch()
+    try:
+        yield paused
+    finally:
+        pause.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +136,19 @@ def test_train_now_wait_shows_progress_and_the_verdict(daemon, http):
 
 def test_ctrl_c_stops_waiting_and_the_update_goes_on(daemon, http):
     http.post("/sloth/teach", json={"examples": [{"prompt": "Who fixes the bike?", "answer": "Your neighbour Ole."}]})
-    proc = subprocess.Popen([sys.executable, "-m", "sloth_daemon.cli", "train-now", "--wait", "--json", "--url",
-                             daemon.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "SLOTH_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"})
-    started = json.loads(proc.stdout.readline())
-    for line in proc.stdout:  # wait until it shows training progress, then press Ctrl-C
-        if json.loads(line)["event"] == "progress":
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    with held_after_training(daemon):
+        proc = subprocess.Popen([sys.executable, "-m", "sloth_daemon.cli", "train-now", "--wait", "--json", "--url",
+                                 daemon.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "SLOTH_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"},
+                                # a test run started in the background (`pytest &`) hands down an ignored SIGINT
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        started = json.loads(proc.stdout.readline())
+        for line in proc.stdout:  # wait until it shows training progress, then press Ctrl-C
+            if json.loads(line)["event"] == "progress":
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
     assert f"update {started['update_id']} goes on" in err and "Traceback" not in err
     assert json.loads(out.splitlines()[-1]) == {"event": "detached", "update_id": started["update_id"]}
     done = daemon.wait_update(started["update_id"])
@@ -278,16 +300,38 @@ def test_status_page_shows_the_api_and_its_buttons_act(daemon, http, browser):
     browser.find_element(By.CSS_SELECTOR, "button.rollback[data-version='base']").click()
     wait_for(lambda: browser.find_element(By.ID, "adapter").text == "base model", what="the rollback")
     assert http.get("/sloth/adapters").json()["current"] is None
-    # "Train now" starts an update; the page follows it with a live loss curve.
+    # "Train now" starts an update; the page follows it: its live loss curve while it runs (held after training
+    # here: a warm trainer finishes one taught pair faster than the page refreshes), and once it is done the curve
+    # its record keeps. Both point for point as the API has them.
     http.post("/sloth/teach", json={"examples": [{"prompt": "Page button?", "answer": "It trains."}]})
-    browser.find_element(By.ID, "train-now").click()
-    wait_for(lambda: "started" in browser.find_element(By.ID, "action-result").text, what="train now")
-    running = http.get("/sloth/updates", params={"limit": 1}).json()["data"][0]
-    assert running["trigger"] == "manual" and running["id"] > updates[0]["id"]
-    points = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#loss-plot .point"), timeout=300,
-                      what="the live loss curve")
-    curve = {step: loss for step, loss in (http.get("/sloth/status").json()["update"] or {}).get("loss_curve", [])}
-    for p in points:
-        step = int(p.get_attribute("data-x"))
-        if step in curve:
-            assert float(p.get_attribute("data-y")) == pytest.approx(curve[step])
+
+    def drawn(update_id, state):
+        plot = browser.find_element(By.ID, "loss-plot")
+        if plot.get_attribute("data-update") != str(update_id) or plot.get_attribute("data-state") != state:
+            return None
+        return [(int(p.get_attribute("data-x")), float(p.get_attribute("data-y")))
+                for p in plot.find_elements(By.CSS_SELECTOR, ".point[data-series='loss']")]
+
+    def expected(curve):
+        return [(step, pytest.approx(loss)) for step, loss in curve if loss is not None]
+
+    with held_after_training(daemon) as paused:
+        browser.find_element(By.ID, "train-now").click()
+        text = wait_for(lambda: re.search(r"update (\d+) started", browser.find_element(By.ID, "action-result").text),
+                        what="train now")
+        started = int(text.group(1))
+        assert http.get(f"/sloth/updates/{started}").json()["trigger"] == "manual" and started > updates[0]["id"]
+        wait_for(paused.exists, timeout=300, what="the update to finish training")
+        live = http.get("/sloth/status").json()["update"]
+        assert live["update_id"] == started and len(live["loss_curve"]) == live["steps"] == 12
+        points = wait_for(lambda: drawn(started, "running"), what="the live loss curve")
+        assert points == expected(live["loss_curve"])
+        assert browser.find_element(By.ID, "running-text").text.startswith(f"update {started}: 100%")
+    done = daemon.wait_update(started)
+    train = done["metrics"]["train"]
+    assert done["status"] in ("promoted", "rejected") and train["loss_curve"] == live["loss_curve"], done
+    points = wait_for(lambda: drawn(started, done["status"]), what=f"the loss curve of update {started}")
+    assert points == expected(train["loss_curve"])
+    assert browser.find_element(By.ID, "running-text").text.startswith(f"update {started}: {done['status']}")
+    browser.refresh()  # a page that never saw it run shows the newest update's curve
+    assert wait_for(lambda: drawn(started, done["status"]), what="the newest update's curve") == points

@@ -93,23 +93,49 @@ function plot(svg, series, {xLabel, yLabel, lines}) {
   }
 }
 
+let following = null;  // id of the update the loss plot follows: the one last seen running, or started here
+
 function renderStatus(s) {
   $("#model").textContent = `${s.model} (${s.engine} engine)`;
   $("#adapter").textContent = s.adapter || "base model";
   $("#pending").textContent = s.pending_examples;
   $("#turns").textContent = s.interactions;
+}
+
+// The loss plot: the running update's live curve; once it is done (or when none runs) the curve its record keeps
+// (`metrics.train.loss_curve`) of the update followed so far, else of the newest update. A short update can finish
+// between two refreshes, so the curve must not depend on having seen it run.
+function renderLoss(s, updates) {
   const u = s.update;
+  let id = null, curve = [], text = "none", state = "none";
   if (u) {
+    following = id = u.update_id;
+    curve = u.loss_curve || [];
+    state = "running";
     const parts = [`update ${u.update_id}: ${Math.round(u.progress * 100)}%`, u.message];
     if (u.tokens_per_s) parts.push(`${Math.round(u.tokens_per_s)} tokens/s`);
     if (u.eta_s !== null && u.eta_s !== undefined) parts.push(`about ${Math.ceil(u.eta_s)} s left`);
-    $("#running-text").textContent = parts.join(" · ");
+    text = parts.join(" · ");
   } else {
-    $("#running-text").textContent = "none";
+    const done = updates.find((x) => x.id === following) || updates[0];
+    if (done) {
+      const train = (done.metrics || {}).train || {};
+      id = done.id;
+      curve = train.loss_curve || [];
+      state = done.status;
+      const parts = [`update ${done.id}: ${done.status}`];
+      if (done.finished_at) parts.push(`finished ${done.finished_at.slice(0, 19).replace("T", " ")}`);
+      if (train.steps) parts.push(`${train.steps} steps`);
+      if (done.reason) parts.push(done.reason);
+      text = parts.join(" · ");
+    }
   }
-  const curve = (u && u.loss_curve) || [];
-  plot($("#loss-plot"), [{name: "loss", color: "#1f77b4",
-                          points: curve.map(([step, loss]) => ({x: step, y: loss, label: `step ${step}: ${loss}`}))}],
+  $("#running-text").textContent = text;
+  const svg = $("#loss-plot");
+  svg.dataset.update = id === null ? "" : String(id);
+  svg.dataset.state = state;
+  plot(svg, [{name: "loss", color: "#1f77b4",
+              points: curve.map(([step, loss]) => ({x: step, y: loss, label: `step ${step}: ${loss}`}))}],
        {xLabel: "step", yLabel: "training loss", lines: true});
 }
 
@@ -189,6 +215,7 @@ async function refresh() {
       api("GET", "/sloth/interactions?limit=20"),
     ]);
     renderStatus(status);
+    renderLoss(status, updates.data);
     renderUpdates(updates.data);
     renderAdapters(adapters);
     renderInteractions(turns.data);
@@ -215,7 +242,10 @@ document.addEventListener("click", (ev) => {
   const b = ev.target.closest("button");
   if (!b) return;
   if (b.id === "train-now") {
-    act("starting an update", async () => `update ${(await api("POST", "/sloth/updates")).update_id} started`);
+    act("starting an update", async () => {
+      following = (await api("POST", "/sloth/updates")).update_id;
+      return `update ${following} started`;
+    });
   } else if (b.classList.contains("rollback")) {
     act("switching", async () => {
       const out = await api("POST", "/sloth/adapters/rollback", {version: b.dataset.version});
