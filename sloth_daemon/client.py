@@ -13,8 +13,8 @@
 Contract:
 - Both clients have the same operations with the same arguments: `chat`, `complete` (a `Completion`, or with
   `stream=True` a `Stream` / `AsyncStream` of text chunks whose `final` holds the Completion once it ends),
-  `feedback`, `teach`, `status`, `trigger_update`, `models`, `updates`, `update`, `adapters`, `rollback`,
-  `interactions`. Daemon errors raise `SlothError(code, message)` with the protocol's error code; text that is not
+  `feedback`, `teach`, `import_examples`, `status`, `trigger_update`, `models`, `updates`, `update`, `adapters`,
+  `rollback`, `interactions`, `set_aside`, `requeue`, `forget`, `remove_adapter`. Daemon errors raise `SlothError(code, message)` with the protocol's error code; text that is not
   valid Unicode (a lone surrogate) raises `SlothError("invalid_request")` naming the field, before anything is sent.
 - Every call has a timeout (the client's `timeout`, or per call; for streams it bounds the wait for each message).
   No daemon: `SlothError("unreachable")`; no answer in time: `SlothError("timeout")`. After a timeout the socket
@@ -119,6 +119,19 @@ class _Ops:
     def teach(self, examples: list[dict] | None = None, documents: list[str] | None = None, *,
               timeout: float | None = None) -> Any:
         return self._call("teach", {"examples": examples or [], "documents": documents or []}, timeout)
+
+    def import_examples(self, rows: list[Any] | None = None, documents: list[str] | None = None, *,
+                        format: str = "auto", lines: list[int] | None = None, skip_invalid: bool = False,
+                        timeout: float | None = None) -> Any:
+        """A dataset's rows (parsed JSONL objects: OpenAI chat, ShareGPT, Alpaca, completion, text; `format` names
+        one or `auto` detects it per row) and plain-text documents as training examples (`import` op, as
+        `POST /sloth/import`). Any bad row raises `SlothError("invalid_request")` naming its line (`lines`: each
+        row's line number in its file, default 1, 2, ...) and field, and nothing is stored, unless `skip_invalid`.
+        One message is at most the daemon's `zmq_max_message_bytes` (4 MiB): send a large file in batches."""
+        fields = {"format": format, "rows": rows or [], "documents": documents or [], "skip_invalid": skip_invalid}
+        if lines is not None:
+            fields["lines"] = lines
+        return self._call("import", fields, timeout)
 
     def status(self, *, timeout: float | None = None) -> Any:
         return self._call("status", {}, timeout)

@@ -62,6 +62,9 @@ def test_sync_client_every_op(client, http):
     taught = client.teach(examples=[{"prompt": "Client test question?", "answer": "Client test answer."}],
                           documents=["A document taught over ZeroMQ."])
     assert len(taught["example_ids"]) == 2
+    imported = client.import_examples([{"instruction": "Client import question?", "output": "Client import answer."}],
+                                      documents=["A document imported over ZeroMQ."])
+    assert (imported["rows"], imported["added"] + imported["duplicates"], imported["document_chunks"]) == (2, 2, 1)
     assert client.models()["data"][0]["id"] == "sloth-tiny"
     assert client.adapters()["current"] == http.get("/sloth/adapters").json()["current"]
     assert client.updates(limit=3)["data"] == http.get("/sloth/updates", params={"limit": 3}).json()["data"]
@@ -76,6 +79,9 @@ def test_sync_client_errors(client):
     with pytest.raises(SlothError) as e:
         client.chat("Hello", temperature=9)
     assert e.value.code == "invalid_request" and e.value.param == "temperature"
+    with pytest.raises(SlothError) as e:
+        client.import_examples([{"instruction": "x"}], lines=[7])
+    assert e.value.code == "invalid_request" and e.value.param == "output" and "line 7" in e.value.message
     with pytest.raises(SlothError) as e:
         client.update(99999)
     assert e.value.code == "not_found"

@@ -167,6 +167,34 @@ def test_feedback_and_teach_share_the_store_with_http(peer, http, zd):
     assert status["zmq"] == [zd.ipc, zd.tcp]
 
 
+def test_import_is_the_http_import(peer, http):
+    tag = peer.address  # new examples per run
+    rows = [{"messages": [{"role": "user", "content": f"Import over {tag}?"}, {"role": "assistant", "content": "Yes."}]},
+            {"instruction": f"Name the socket of {tag}.", "output": "A ROUTER."},
+            {"conversations": [{"from": "human", "value": f"Import over {tag}?"}, {"from": "gpt", "value": "Yes."}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 42}]}]
+    lines = [3, 4, 5, 6]
+    pending = http.get("/sloth/status").json()["pending_examples"]
+    err = error_of(peer.call("import", rows=rows, lines=lines))
+    over_http = http.post("/sloth/import", json={"rows": rows, "lines": lines})
+    assert over_http.status_code == 400
+    assert err["code"] == "invalid_request" and err["param"] == over_http.json()["error"]["param"] == "messages.1.content"
+    assert err["message"] == over_http.json()["error"]["message"] and "line 6" in err["message"]
+    assert http.get("/sloth/status").json()["pending_examples"] == pending  # a bad row: nothing stored
+
+    out = peer.result("import", rows=rows, lines=lines, documents=[f"Notes about {tag}."], skip_invalid=True)
+    assert (out["rows"], out["examples"], out["added"], out["duplicates"], out["document_chunks"]) == (5, 4, 3, 1, 1)
+    assert out["skipped"] == [{"line": 6, "field": "messages.1.content", "message": "must be a string, not int"}]
+    assert out["pending_examples"] == pending + 3  # the ShareGPT row is the OpenAI row: stored once
+    again = http.post("/sloth/import", json={"rows": rows[:3], "documents": [f"Notes about {tag}."]}).json()
+    assert (again["added"], again["duplicates"]) == (0, 4)  # one store, whichever front end
+    for fields, param in [({"format": "csv"}, "format"), ({"rows": "x"}, "rows"),
+                          ({"format": "alpaca", "rows": [{"instruction": "x"}]}, "output")]:
+        e = error_of(peer.call("import", **fields))
+        assert e["code"] == "invalid_request" and e["param"] == param, e
+        assert http.post("/sloth/import", json=fields).json()["error"]["param"] == param
+
+
 @pytest.mark.parametrize("fields,code,param", [
     ({"messages": []}, "invalid_request", "messages"),
     ({"temperature": 5}, "invalid_request", "temperature"),

@@ -41,6 +41,7 @@ from zmq.utils.monitor import parse_monitor_message
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.base import TextDelta
+from ..dataio.importer import ImportRequest
 from ..engine.logprobs import chat_logprobs, completion_logprobs
 from ..operations import OpError, Operations, check_text, parse, usage
 from ..turns import TurnDone
@@ -399,6 +400,8 @@ class ZmqServer:
             return await ops.feedback(parse(FeedbackRequest, fields))
         if op == "teach":
             return await ops.teach(parse(TeachRequest, fields))
+        if op == "import":
+            return await ops.import_examples(parse(ImportRequest, fields))
         if op == "status":
             return await ops.status()
         if op == "trigger_update":

@@ -22,8 +22,8 @@ from ..textcheck import invalid_text
 
 VERSION = 1
 GENERATION_OPS = ("chat", "complete")
-OPS = GENERATION_OPS + ("feedback", "teach", "status", "trigger_update", "models", "updates", "adapters", "rollback",
-                        "interactions", "set_aside", "requeue", "forget", "remove_adapter", "cancel")
+OPS = GENERATION_OPS + ("feedback", "teach", "import", "status", "trigger_update", "models", "updates", "adapters",
+                        "rollback", "interactions", "set_aside", "requeue", "forget", "remove_adapter", "cancel")
 # Safe to send again after a timeout: reading them twice changes nothing.
 IDEMPOTENT_OPS = frozenset({"status", "models", "updates", "adapters", "interactions", "set_aside"})
 # Envelope keys of a request; every other key is an op field.
