@@ -40,7 +40,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,8 @@ if __package__ in (None, ""):  # run as a file: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
+
+from benchmarks.sse import has_text, iter_sse_chunks  # noqa: E402
 
 CONFIGS = {
     "before": {"SLOTH_TRAIN_WARM": "false", "SLOTH_TRAIN_PACK": "false", "SLOTH_TRAIN_STEPS": "120"},
@@ -169,11 +170,8 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+        async for chunk in iter_sse_chunks(r):
+            if first is None and has_text(chunk):
                 first = time.time()
             if "sloth" in chunk:
                 version = chunk["sloth"].get("adapter_version")

@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a file (also each configuration's process): make `benchmarks` importable,
+    sys.path.append(str(ROOT))  # after PYTHONPATH, whose `sloth_daemon` (the tree measured) must come first
+
+from benchmarks.sse import has_text, iter_sse_chunks  # noqa: E402
 BEFORE_REF = "56fb062"  # main before continuous batching (issue 17, item 4)
 PROMPTS = ["Hello", "What is sloth-daemon?", "How do I teach you something?",
            "Tell me about sloths, their habits, where they live and what they eat, in a few words.",
@@ -114,11 +118,8 @@ async def _http_client(http, model: str, k: int, requests: int, max_tokens: int)
         first, tokens = None, 0
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
             r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if first is None and any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+            async for chunk in iter_sse_chunks(r):
+                if first is None and has_text(chunk):
                     first = time.perf_counter()
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
