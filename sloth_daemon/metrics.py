@@ -32,6 +32,9 @@ Series (labels in braces):
     sloth_last_update_promoted                                gauge    1 promoted, 0 not
     sloth_last_update_eval_loss{set,model}                    gauge    gate measurements: set = new | anchor | recall,
                                                                        model = parent | candidate
+    sloth_last_update_gate_measured{check}                    gauge    each gate check's measurement (check = its name:
+    sloth_last_update_gate_bound{check}                       gauge    new, anchor_kl, recall_answers, ...), its bound
+    sloth_last_update_gate_passed{check}                      gauge    and its result (1 passed, 0 failed)
     sloth_last_update_train_loss{step}                        gauge    step = first | last
     sloth_last_update_tokens_per_second                       gauge    training throughput of the last update
     sloth_last_update_duration_seconds                        gauge    its wall time
@@ -49,6 +52,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                disable_created_metrics, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .progress import train_tokens_per_s
 
 if TYPE_CHECKING:
     from .operations import DaemonParts
@@ -138,16 +143,25 @@ class _StateCollector(Collector):
                 if scores.get(model) is not None:
                     g.add_metric([name, model], scores[model])
         yield g
+        checks = (metrics.get("gate") or {}).get("checks") or []
+        for suffix, key, doc in (("measured", "measured", "measurement"), ("bound", "bound", "bound"),
+                                 ("passed", "passed", "result (1 passed, 0 failed)")):
+            g = GaugeMetricFamily(f"sloth_last_update_gate_{suffix}", f"The last update's gate checks: each one's {doc}",
+                                  labels=["check"])
+            for c in checks:
+                if isinstance(c.get(key), (int, float)):  # a check that measured nothing (none held out) has null
+                    g.add_metric([c["name"]], float(c[key]))
+            yield g
         g = GaugeMetricFamily("sloth_last_update_train_loss", "The last update's training loss at its first and last "
                               "step", labels=["step"])
         for step, key in (("first", "first_loss"), ("last", "last_loss")):
             if train.get(key) is not None:
                 g.add_metric([step], train[key])
         yield g
-        if train.get("tokens") and train.get("seconds"):
+        if (tokens_per_s := train_tokens_per_s(train)) is not None:
             g = GaugeMetricFamily("sloth_last_update_tokens_per_second", "The last update's training tokens per "
-                                  "second")
-            g.add_metric([], train["tokens"] / train["seconds"])
+                                  "second (of its training loop)")
+            g.add_metric([], tokens_per_s)
             yield g
         if metrics.get("seconds") is not None:
             g = GaugeMetricFamily("sloth_last_update_duration_seconds", "The last update's wall time")

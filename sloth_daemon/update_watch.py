@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from .progress import train_tokens_per_s
+
 
 def emit(console: Console, event: dict) -> None:
     console.print(json.dumps(event), markup=False, highlight=False, soft_wrap=True)
@@ -91,7 +93,7 @@ def show_verdict(console: Console, u: dict) -> None:
         console.print(t)
     train = metrics.get("train") or {}
     if train:
-        tps = train["tokens"] / train["seconds"] if train.get("seconds") else 0
+        tps = train_tokens_per_s(train) or 0
 
         def loss(x: Any) -> str:
             return "nan" if x is None else f"{x:.4f}"
