@@ -172,6 +172,11 @@ class VllmConfig(_Section):
     tensor_parallel_size: int = Field(
         1, ge=1, description="vLLM --tensor-parallel-size: GPUs one server spans (from `device`'s index on)"
     )
+    adapter_loading: Literal["path", "resolver"] = Field(
+        "path", description="path: vLLM loads an adapter from the daemon's folder (same host or a shared disk); "
+        "resolver: vLLM (vllm.url, another host) resolves each adapter name through the sloth-vllm-resolver "
+        "plugin, which fetches the files from this daemon over HTTP"
+    )
     max_loras: int = Field(2, ge=2, description="adapters in one batch (old and new during a swap: at least 2)")
     max_lora_rank: int | None = Field(None, ge=1, description="unset = from train.lora_r (rounded up for vLLM)")
     startup_timeout_s: float = Field(600, gt=0, description="vLLM must answer /health within this")

@@ -29,12 +29,14 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from sloth_replay import InvalidInput, NotFound, ToolCallError, UpdateAlreadyRunning, make_example
 
+from . import adapter_files
 from .adapters import AdapterNotFound
 from .api.schemas import (
     ChatCompletionRequest,
@@ -585,6 +587,24 @@ class Operations:
         except ValueError as e:
             raise OpError("conflict", str(e), param="version") from None
         return {"removed": version, "current": registry.current()}
+
+    def adapter_files(self, version: str) -> dict:
+        """A promoted version's files with sizes and sha256 (`adapter_files.manifest`), for a remote vLLM's
+        resolver plugin. File I/O: call it in a worker thread."""
+        check_text(version)
+        try:
+            return adapter_files.manifest(self.daemon.registry, version)
+        except AdapterNotFound as e:
+            raise OpError("not_found", str(e), param="version") from None
+
+    def adapter_file(self, version: str, name: str) -> Path:
+        """The path of one of those files (`adapter_files.file_path`). File I/O: call it in a worker thread."""
+        check_text(version)
+        check_text(name)
+        try:
+            return adapter_files.file_path(self.daemon.registry, version, name)
+        except AdapterNotFound as e:
+            raise OpError("not_found", str(e), param="name") from None
 
     async def interactions(self, limit: int = 50, offset: int = 0) -> dict:
         limit, offset = max(1, min(limit, 500)), max(0, offset)

