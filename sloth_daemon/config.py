@@ -183,6 +183,10 @@ class VllmConfig(_Section):
     sleep_during_updates: bool = Field(
         False, description="vLLM sleeps (frees GPU memory, serving pauses) while an update trains"
     )
+    tool_call_parser: str = Field(
+        "auto", min_length=1, description="vLLM's --tool-call-parser for tool calls (hermes, llama3_json, ...); auto = "
+        "from the chat template on a vLLM the daemon starts; daemon = the daemon parses them itself",
+    )
 
 
 class LimitsConfig(_Section):

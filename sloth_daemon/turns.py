@@ -4,8 +4,9 @@ Contract: `TurnService.run(kind, prompt, params, store=..., transport=...)` yiel
 choice's `index`) and ends with one `TurnDone` holding every choice (`n` of them) and the summed usage. The turn's
 id (`chatcmpl-…` / `cmpl-…`) is the replay-store interaction id clients send feedback for.
 With tools (`tool_use`, unless its choice is "none") each choice's text is parsed for tool calls in the model's
-format (`tool_calls.py`): a choice with calls has `tool_calls`, `content` the text outside them and finish reason
-`tool_calls`. Its text is not streamed as it comes (it may be a call): it arrives whole in the `TurnDone`.
+format (`tool_calls.py`), or taken from the engine when it parsed them itself (`Finished.tool_calls`: vLLM's own
+parsers): a choice with calls has `tool_calls`, `content` the text outside them and finish reason `tool_calls`.
+Its text is not streamed as it comes (it may be a call): it arrives whole in the `TurnDone`.
 What is logged keeps what learning needs: the tools offered, the tool choice, the calls made, the response format
 (`interactions.params`), and the prompt messages with their tool calls and tool results.
 A finished turn is logged exactly once, unless `store=False` (the OpenAI API's own flag) or it was cancelled
@@ -92,8 +93,9 @@ class TurnService:
         t0 = time.monotonic()
         ttft = None
         parse = tool_use is not None and tool_use.parses
-        stream = self.engine.generate(GenerationRequest(kind, prompt, params, tool_use.tools if tool_use else None,
-                                                        prompt_ids))
+        stream = self.engine.generate(GenerationRequest(
+            kind, prompt, params, tool_use.tools if tool_use else None, prompt_ids,
+            tool_use.choice if parse else None, tool_use.parallel if tool_use else True))
         finished: dict[int, Finished] = {}
         async with contextlib.aclosing(stream):
             async for ev in stream:
@@ -128,7 +130,10 @@ class TurnService:
 def _choice(f: Finished, tool_use: ToolUse | None) -> Choice:
     if tool_use is None or f.finish_reason == "cancelled":
         return Choice(f.index, f.text, f.finish_reason, f.logprobs)
-    content, calls = tool_use.parse(f.text)
+    if f.tool_calls is not None:  # the engine parsed them itself (vLLM's own tool parser)
+        content, calls = f.content, list(f.tool_calls)
+    else:
+        content, calls = tool_use.parse(f.text)
     if not calls:
         return Choice(f.index, f.text, f.finish_reason, f.logprobs)
     return Choice(f.index, f.text, "tool_calls", f.logprobs, tuple(calls), content)

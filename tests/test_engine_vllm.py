@@ -33,6 +33,16 @@ from .taught_adapter import QUESTION, STOP_CUTS
 from .test_engine_embedded import make_lora
 
 REPO = Path(__file__).resolve().parent.parent
+NO_SYSTEM_TOOLS = NO_SYSTEM.replace("{{ bos_token }}", "{{ bos_token }}{% if tools %}<|system|>You may call these "
+                                    "tools. Answer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call> to "
+                                    "call one.\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|end|>"
+                                    "{% endif %}", 1)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
+    "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["utc", "local"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
 PROMPT = [{"role": "user", "content": "Hello"}]
 N_CLIENTS = 16
 MODEL = "sloth-tiny"
@@ -70,9 +80,10 @@ def daemon(tiny_model, lora_dirs, taught_adapter, tmp_path_factory):
         shutil.copytree(src, staging, dirs_exist_ok=True)
         registry.update_meta(registry.commit(staging, parent=None, update_id=None).version, status="promoted")
     # The config's chat_template: a Gemma-like one (no system role) that renders a lone user message as
-    # sloth-tiny's own does, so the answers stay the same and the daemon's rendering is seen to be used.
+    # sloth-tiny's own does, so the answers stay the same and the daemon's rendering is seen to be used; it renders
+    # tools Hermes-style, so the daemon starts vLLM with its `hermes` tool parser and this template.
     template = state.parent / "no-system.jinja"
-    template.write_text(NO_SYSTEM)
+    template.write_text(NO_SYSTEM_TOOLS)
     env = {"SLOTH_ENGINE": "vllm", "SLOTH_VLLM_PYTHON": python, "SLOTH_VLLM_DTYPE": "float32",
            "SLOTH_CHAT_TEMPLATE": str(template),
            "SLOTH_VLLM_MAX_MODEL_LEN": "1024", "SLOTH_VLLM_STARTUP_TIMEOUT_S": "240",
@@ -175,6 +186,63 @@ def test_chat_template_from_the_config_and_its_refusals(daemon):
             err = r.json()["error"]
             assert err["param"] == "messages" and "System role not supported" in err["message"]
         assert c.get("/sloth/interactions").json()["total"] == before
+
+
+# sloth-tiny (random weights, byte-level tokens) fills JSON's optional whitespace without end; banning the whitespace
+# bytes keeps a forced call short (the grammar still forces the spaces it requires).
+NO_WHITESPACE = {str(ord(ch)): -100 for ch in " \n\t\r"}
+
+
+def _tool_turn(c: httpx.Client, **fields) -> tuple[dict, dict]:
+    """A chat turn with tools through the daemon, and its logged row."""
+    r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Weather?"}],
+                                             "tools": [WEATHER, TIME], "max_tokens": 160,
+                                             "logit_bias": NO_WHITESPACE, **fields})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    row = next(x for x in c.get("/sloth/interactions", params={"limit": 5}).json()["data"] if x["id"] == body["id"])
+    return body, row
+
+
+def test_tool_calls_are_vllms_own(daemon):
+    """Forced, required and auto tool choices go to vLLM's chat endpoint and its hermes parser: the model writes the
+    call in the template's own format (vLLM's structural tag), vLLM parses it into `tool_calls`, and it generated
+    from exactly the daemon's prompt tokens."""
+    serve(daemon, "base")
+    assert status(daemon)["vllm"]["tool_call_parser"] == "hermes"
+    with daemon.http() as c:
+        body, row = _tool_turn(c, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                               temperature=0)
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, body
+        (call,) = choice["message"]["tool_calls"]
+        assert call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"])["unit"] in ("celsius", "fahrenheit")
+        assert row["response"].lstrip().startswith("<tool_call>"), row["response"]  # Hermes, as vLLM generated it
+        assert row["params"]["tool_calls"][0]["function"] == call["function"]
+        assert row["params"]["tool_choice"] == "get_weather" and row["finish_reason"] == "tool_calls"
+
+        for seed in (1, 2):
+            body, _ = _tool_turn(c, tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=seed)
+            (call,) = body["choices"][0]["message"]["tool_calls"]
+            assert call["function"]["name"] in ("get_weather", "get_time")
+            json.loads(call["function"]["arguments"])
+
+        events = []
+        with c.stream("POST", "/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER],
+                "tool_choice": "required", "max_tokens": 160, "temperature": 0, "stream": True,
+                "logit_bias": NO_WHITESPACE}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        deltas = [d for ev in events for ch in ev["choices"] for d in ch["delta"].get("tool_calls") or ()]
+        assert deltas and deltas[0]["function"]["name"] == "get_weather"
+        assert [ch["finish_reason"] for ev in events for ch in ev["choices"] if ch["finish_reason"]] == ["tool_calls"]
+
+        body, row = _tool_turn(c, tool_choice="auto", temperature=0, max_tokens=12)
+        assert body["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+        assert row["params"]["tool_choice"] == "auto"
+    assert status(daemon)["vllm"]["chat_render_mismatches"] == 0
 
 
 def _client(daemon, stop: threading.Event, results: list) -> None:

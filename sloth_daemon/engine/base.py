@@ -81,13 +81,18 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """`tools`: OpenAI tool definitions the chat template renders into the prompt (None: no tools)."""
+    """`tools`: OpenAI tool definitions the chat template renders into the prompt (None: no tools).
+    `tool_choice`: set when the turn's output is to be read for tool calls ("auto", "required" or the forced tool's
+    name; None: it is not), with `parallel_tool_calls`; an engine that parses tool calls itself (vLLM's own parsers)
+    returns them in `Finished.tool_calls`, any other leaves that None and the daemon parses the text."""
 
     kind: Literal["chat", "completion"]
     prompt: Prompt
     params: SamplingParams = field(default_factory=SamplingParams)
     tools: list[dict] | None = None
     prompt_ids: tuple[int, ...] | None = None  # the rendered prompt's tokens, once `Engine.prepare` has made them
+    tool_choice: str | None = None
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,9 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Finished:
-    """The end of one choice. `prompt_tokens` is the prompt's count; `completion_tokens` this choice's."""
+    """The end of one choice. `prompt_tokens` is the prompt's count; `completion_tokens` this choice's.
+    `tool_calls`: the OpenAI tool calls the engine itself parsed from `text` (None: it did not parse; `()`: it
+    found none), `content` the text outside them."""
 
     text: str
     finish_reason: Literal["stop", "length", "cancelled"]
@@ -127,6 +134,8 @@ class Finished:
     adapter_version: str | None
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple[dict, ...] | None = None
+    content: str | None = None
 
 
 GenerationEvent = Union[TextDelta, Finished]

@@ -20,6 +20,11 @@ Contract: see `sloth_daemon.engine.base`. How it keeps it:
 - If the vLLM process dies, requests in flight end with `EngineError`, new ones get `EngineError` (503) until the
   supervisor has restarted it and reloaded the current adapter under a fresh name.
 - With `sleep_during_updates`, `training()` puts vLLM to sleep while an update trains; requests wait meanwhile.
+- Tool calls: a chat turn read for tool calls (`GenerationRequest.tool_choice`) goes to vLLM's own chat endpoint and
+  tool parser when the server has one (`vllm_tools`: `tool_call_parser` in `describe()`), with the daemon's prompt
+  token ids; a prompt vLLM reports with other tokens than the daemon's is counted (`chat_render_mismatches`) and
+  logged. That turn comes back whole, not streamed (the daemon does not stream such
+  turns anyway). Without a parser the daemon parses the text itself, as on the embedded engine.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import httpx
 
 from ..chat_template import ChatFormat, load_tokenizer
 from ..prompting import encode, render_prompt
+from ..tool_calls import detect
 from .base import (
     AdapterLoadError,
     EngineError,
@@ -53,6 +59,7 @@ from .base import (
 )
 from .logprobs import TokenTexts, token_logprob
 from .vllm_server import VllmServer
+from .vllm_tools import chat_body, chat_logprob_pairs, finished_choices, parser_for, rendered_ids, server_args
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +97,17 @@ class VllmEngine:
         self._base_ref: dict[str, float] | None = None
         self.vocab_size = 0
         self.paused: str | None = None  # why serving waits, for status
+        self.tool_parser: str | None = None  # vLLM's --tool-call-parser (None: the daemon parses tool calls)
+        self.chat_render_mismatches = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._tokenizer, self.chat_format = await asyncio.to_thread(load_tokenizer, self.model_path,
                                                                     self.chat_template)
         self._token_texts = TokenTexts(self._tokenizer)
+        self.tool_parser = parser_for(getattr(self.cfg, "tool_call_parser", "auto"), detect(self._tokenizer),
+                                      self.server.external)
+        self.server.serving_args = server_args(self.tool_parser, self.chat_format)
         config = json.loads((self.model_path / "config.json").read_text())
         self.vocab_size = int(config.get("vocab_size") or len(self._tokenizer))
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10),
@@ -130,7 +142,8 @@ class VllmEngine:
     def describe(self) -> dict[str, Any]:
         """The vLLM side of the daemon's status."""
         return {**self.server.describe(), "served_name": self._current[1] if self._current else self.model_name,
-                "max_model_len": self.max_model_len, "paused": self.paused}
+                "max_model_len": self.max_model_len, "paused": self.paused, "tool_call_parser": self.tool_parser,
+                "chat_render_mismatches": self.chat_render_mismatches}
 
     # -- requests -------------------------------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -171,7 +184,10 @@ class VllmEngine:
         version, served = current if current else (None, self.model_name)
         self._pins[version] = self._pins.get(version, 0) + 1
         try:
-            async for ev in self._stream(prompt_ids, request, served, version):
+            native_tools = request.tool_choice is not None and self.tool_parser is not None
+            events = (self._chat_with_tools(prompt_ids, request, served, version) if native_tools
+                      else self._stream(prompt_ids, request, served, version))
+            async for ev in events:
                 yield ev
         finally:
             self._pins[version] -= 1
@@ -201,6 +217,43 @@ class VllmEngine:
         if p.guide is not None:
             body["structured_outputs"] = structured_outputs(p.guide)
         return body
+
+    async def _chat_with_tools(self, prompt_ids: list[int], request: GenerationRequest, served: str,
+                               version: str | None) -> AsyncIterator[GenerationEvent]:
+        """A turn read for tool calls, through vLLM's chat endpoint and tool parser (`vllm_tools`)."""
+        body = chat_body(self._body(prompt_ids, request.params, served), request)
+        assert self._client is not None
+        try:
+            r = await self._client.post(self.server.url + "/v1/chat/completions", json=body)
+        except httpx.HTTPError as e:
+            raise EngineError(f"lost the vLLM server mid-request ({type(e).__name__}: {e})") from e
+        if r.status_code != 200:
+            if r.status_code == 400:
+                raise InvalidParam(_vllm_param(r.text), f"vLLM refused the request: {r.text[:500]}")
+            raise EngineError(f"vLLM answered {r.status_code}: {r.text[:500]}")
+        answer = r.json()
+        ids = rendered_ids(answer)
+        if ids is not None and ids != prompt_ids:
+            self.chat_render_mismatches += 1
+            log.warning("vLLM generated from other prompt tokens than the daemon's (%d vs %d tokens): it did not take "
+                        "kv_transfer_params.prompt_token_ids", len(ids), len(prompt_ids))
+
+        def logprobs(lp: dict | None) -> tuple[TokenLogprob, ...]:
+            out: list[TokenLogprob] = []
+            for tok, value, alts in chat_logprob_pairs(lp):
+                out.append(token_logprob(self._token_texts, tok, value, alts[:request.params.top_logprobs],
+                                         sum(len(t.token) for t in out)))
+            return tuple(out)
+
+        choices = finished_choices(answer, request, self._decode, logprobs, version)
+        if len(choices) < request.params.n:
+            raise EngineError("vLLM answered fewer choices than asked for")
+        for f in choices:
+            yield TextDelta(f.text, f.index, f.logprobs or ())
+            yield f
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def _logprobs(self, lp: dict | None, top_wanted: int, offset: int) -> tuple[TokenLogprob, ...]:
         """vLLM's completion-shaped logprobs (tokens as `token_id:N`) as TokenLogprobs; offsets count from the
@@ -407,7 +460,7 @@ def structured_outputs(guide: Guide) -> dict[str, Any]:
 def _vllm_param(detail: str) -> str:
     """Which request field a vLLM 400 is about (its message names it), for the daemon's own 400."""
     for name in ("logit_bias", "logprobs", "seed", "presence_penalty", "frequency_penalty", "n", "top_p",
-                 "temperature", "response_format", "stop"):
+                 "temperature", "response_format", "stop", "tool_choice", "tools"):
         if name in detail:
             return name
     return "messages"

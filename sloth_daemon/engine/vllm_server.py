@@ -83,6 +83,7 @@ class VllmServer:
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self.ready = asyncio.Event()
+        self.serving_args: list[str] = []  # set by the engine: --chat-template, the tool parser (`vllm_tools`)
 
     # -- the command line -------------------------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -98,7 +99,7 @@ class VllmServer:
             cmd += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
         if c.sleep_during_updates:
             cmd += ["--enable-sleep-mode"]
-        return cmd + shlex.split(c.extra_args)
+        return cmd + self.serving_args + shlex.split(c.extra_args)
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "SLOTH_API_KEY"}  # vLLM has no use for the daemon's key
