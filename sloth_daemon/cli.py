@@ -127,7 +127,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     _updates_table(s["recent_updates"])
     judged = next((u for u in s["recent_updates"] if (u.get("metrics") or {}).get("gate")), None)
     if judged is not None:
-        _checks_table(judged)
+        from .update_watch import checks_table
+
+        console.print(checks_table(judged))
     if s.get("adapter_tainted"):
         console.print(f"[yellow]the served adapter was trained on forgotten data[/] ({s['adapter_tainted']}); "
                       "a rebuild replaces it once promoted", highlight=False)
@@ -135,22 +137,6 @@ def cmd_status(args: argparse.Namespace) -> None:
         console.print(f"[yellow]{s['set_aside_examples']} example(s) set aside, not trained[/] (newest first):")
         for row in s.get("set_aside") or []:
             console.print(f"  {row['example_id']}: {row['reason'][:160]}", highlight=False)
-
-
-def _checks_table(update: dict) -> None:
-    """The gate's checks of one update: what was measured, the bound, the result."""
-    gate = update["metrics"]["gate"]
-    t = Table(title=f"gate of update {update['id']}: {'promoted' if gate['promote'] else 'refused'}")
-    for col in ("check", "measured", "bound", "result", "detail"):
-        t.add_column(col)
-
-    def num(x: Any) -> str:
-        return "" if x is None else f"{x:.4g}"
-
-    for c in gate["checks"]:
-        t.add_row(c["name"], num(c.get("measured")), num(c.get("bound")),
-                  "[green]pass[/]" if c["passed"] else "[red]FAIL[/]", c["detail"][:100])
-    console.print(t)
 
 
 def _updates_table(rows: list[dict]) -> None:

@@ -3,8 +3,9 @@
 Contract: `watch(call, update_id, json_events=..., console=...)` polls `GET /sloth/status` (the running update's
 `step`, `steps`, `loss`, `tokens_per_s`, `eta_s`) every `poll_s` seconds and shows a rich progress bar (or prints
 one JSON object per line: `{"event": "progress", ...}` for each new step), then reads `GET /sloth/updates/{id}` and
-shows the gate's verdict with its measurements (`{"event": "finished", ...}`). Returns the finished update. A
-KeyboardInterrupt (Ctrl-C) is left to the caller, which says that the update goes on in the daemon.
+shows the gate's verdict with its measurements and checks (`{"event": "finished", ...}`). Returns the finished
+update. A KeyboardInterrupt (Ctrl-C) is left to the caller, which says that the update goes on in the daemon.
+`checks_table(update)` is the gate's checks as a table (`sloth-daemon status` shows it too).
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ def watch(call: Callable[..., Any], update_id: int, *, json_events: bool, consol
             elif step is None:
                 bar.update(task, **_fields(running))
             time.sleep(poll_s)
-    u = call("GET", f"/sloth/updates/{update_id}")
+        u = call("GET", f"/sloth/updates/{update_id}")
+        train = (u.get("metrics") or {}).get("train") or {}
+        if train.get("steps"):  # the bar ends where training ended, also when its last steps fell between polls
+            bar.update(task, total=train["steps"], completed=train["steps"], **_fields(
+                {"step": train["steps"], "steps": train["steps"], "loss": train.get("last_loss"),
+                 "tokens_per_s": train_tokens_per_s(train), "eta_s": 0}))
     if json_events:
         emit(console, {"event": "finished", "update_id": update_id, "status": u["status"],
                        "adapter_version": u.get("adapter_version"), "reason": u.get("reason"),
@@ -72,8 +78,27 @@ def watch(call: Callable[..., Any], update_id: int, *, json_events: bool, consol
     return u
 
 
+def checks_table(update: dict) -> Table | None:
+    """The gate's checks of one update: what was measured, the bound, the result; None if it was not judged."""
+    gate = (update.get("metrics") or {}).get("gate")
+    if not gate:
+        return None
+    t = Table(title=f"gate of update {update['id']}: {'promoted' if gate['promote'] else 'refused'}")
+    for col in ("check", "measured", "bound", "result", "detail"):
+        t.add_column(col)
+
+    def num(x: Any) -> str:
+        return "" if x is None else f"{x:.4g}"
+
+    for c in gate["checks"]:
+        t.add_row(c["name"], num(c.get("measured")), num(c.get("bound")),
+                  "[green]pass[/]" if c["passed"] else "[red]FAIL[/]", c["detail"][:100])
+    return t
+
+
 def show_verdict(console: Console, u: dict) -> None:
-    """The update's outcome and the gate's measurements (loss before and after, per eval set)."""
+    """The update's outcome, the gate's measurements (loss before and after, per eval set) and its checks (each
+    measurement against its bound)."""
     colour = {"promoted": "green", "rejected": "yellow", "failed": "red"}.get(u["status"], "white")
     console.print(f"update {u['id']}: [bold {colour}]{u['status']}[/] {u.get('adapter_version') or ''}",
                   highlight=False)
@@ -91,6 +116,9 @@ def show_verdict(console: Console, u: dict) -> None:
             t.add_row(name, str(sc.get("examples", "")), "-" if before is None else f"{before:.4f}",
                       "-" if after is None else f"{after:.4f}", change)
         console.print(t)
+    checks = checks_table(u)
+    if checks is not None:
+        console.print(checks)
     train = metrics.get("train") or {}
     if train:
         tps = train_tokens_per_s(train) or 0

@@ -51,7 +51,7 @@ function el(name, attrs, parent) {
 // A line/point plot into `svg`: series = [{name, color, points: [{x, y, label, marker, data}]}].
 function plot(svg, series, {xLabel, yLabel, lines}) {
   svg.replaceChildren();
-  const W = 640, H = Number(svg.getAttribute("viewBox").split(" ")[3]), L = 48, R = 12, T = 10, B = 28;
+  const W = 640, H = Number(svg.getAttribute("viewBox").split(" ")[3]), L = 48, R = 12, T = 22, B = 28;
   const all = series.flatMap((s) => s.points).filter((p) => p.y !== null && p.y !== undefined);
   el("line", {x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis"}, svg);
   el("line", {x1: L, y1: T, x2: L, y2: H - B, class: "axis"}, svg);
@@ -71,7 +71,7 @@ function plot(svg, series, {xLabel, yLabel, lines}) {
   }
   el("text", {x: L, y: H - 8}, svg).textContent = `${xLabel} ${Math.min(...xs)}`;
   el("text", {x: W - R, y: H - 8, "text-anchor": "end"}, svg).textContent = `${Math.max(...xs)}`;
-  el("text", {x: 4, y: T + 8}, svg).textContent = yLabel;
+  el("text", {x: 4, y: 12}, svg).textContent = yLabel;  // above the plot area, clear of the top tick
   for (const s of series) {
     const pts = s.points.filter((p) => p.y !== null && p.y !== undefined);
     if (lines && pts.length > 1) {
