@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -216,9 +215,6 @@ class Updater:
 
     def _trainer_for_update(self) -> TrainerProcess | WarmTrainer:
         launch = Launch.for_placement(self._placement())
-        if launch.processes > 1 and importlib.util.find_spec("sloth_daemon.trainer.distributed") is None:
-            raise RuntimeError(f"train.devices names {launch.processes} devices, and training across devices is "
-                               "not in this build yet: name one device")
         if not self._warm_wanted():
             return TrainerProcess(launch)
         if self._warm is not None and self._warm.launch != launch:
@@ -242,6 +238,8 @@ class Updater:
 
     def _quantize(self, device: str) -> str:
         tc = self.cfg.train
+        if tc.quantize == "auto" and self._placement().processes > 1:
+            return "none"  # across devices the base is a sharded bf16 one (`trainer.fsdp`: NF4 does not shard yet)
         return ("nf4" if device.startswith("cuda") else "none") if tc.quantize == "auto" else tc.quantize
 
     def _job(self, update_id: int, staging: Path, pending: list, replay: list, anchors: list,

@@ -6,7 +6,6 @@ started and its environment read from /proc while it trains."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -100,12 +99,10 @@ def test_updater_hands_the_placement_to_the_trainer(tiny_model):
     # Several devices: a fresh torchrun per update, never a warm trainer.
     u = updater(SLOTH_TRAIN_DEVICES="cpu,cpu")
     assert not u._warm_wanted()
-    if importlib.util.find_spec("sloth_daemon.trainer.distributed") is None:
-        with pytest.raises(RuntimeError, match="train.devices names 2 devices"):
-            u._trainer_for_update()
-    else:
-        t = u._trainer_for_update()
-        assert isinstance(t, TrainerProcess) and t.launch == Launch(2, {})
+    t = u._trainer_for_update()
+    assert isinstance(t, TrainerProcess) and t.launch == Launch(2, {})
+    u = updater(SLOTH_TRAIN_DEVICES="0,1")  # auto quantisation across GPUs: a bf16 base FSDP shards
+    assert u._device() == "cuda" and u._quantize("cuda") == "none" and u._kernels("cuda")
     # Unset: the engine's device, one process, no environment change (today's behaviour).
     u = updater(SLOTH_DEVICE="cpu", SLOTH_TRAIN_WARM="false")
     assert u._device() == "cpu" and u._trainer_for_update().launch == Launch()

@@ -9,6 +9,8 @@ the job's base and trains the job's batches once into a scratch folder (a warm-u
 compile there, not in the first update), then prints `{"event": "loaded"}`. When the LoRA layers cannot be taken out of the base again it
 prints `{"event": "closing"}` before the result and exits after it. A job that raises ends the process
 (exit code 1, traceback in the job's log): a half-trained base is never reused.
+Under torchrun (WORLD_SIZE > 1; `python -m sloth_daemon.trainer.distributed`) each worker runs its part of one
+distributed update (`fsdp.py`); only process 0 prints.
 """
 
 import ctypes
@@ -91,6 +93,13 @@ def main() -> int:
     if sys.argv[1:2] == ["--serve"]:  # its second argument (the daemon's runs folder) only labels the process
         return serve()
     job = TrainJob.model_validate_json(open(sys.argv[1]).read())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of torchrun's workers (`trainer.distributed`)
+        from .fsdp import run as run_part
+
+        result = run_part(job, emit)
+        if result is not None:  # process 0 only
+            emit({"event": "result", **result.model_dump()})
+        return 0
     result = run(job, emit)
     emit({"event": "result", **result.model_dump()})
     return 0

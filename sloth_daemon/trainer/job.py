@@ -133,4 +133,5 @@ class TrainResult(BaseModel):
     kernels: str
     eval: dict[str, EvalScores]
     warm: bool = False                    # the base model was already loaded (a warm trainer's later update)
+    processes: int = 1                    # trainer processes (more than 1: one per device, FSDP, `trainer.fsdp`)
     phases: dict[str, float] = {}         # seconds: load, eval_before, train, eval_after, save

@@ -7,6 +7,8 @@ the eval sets again, save the adapter into `job.output_dir`, and take the LoRA l
 (`train_on`, which a warm trainer calls on its resident base; `run` loads the base first). Progress goes through
 `emit`; the caller (the child process entry) prints it: `progress` per step, `phase` (with a wall-clock `time`) at
 the end of each of load, attach, eval_before, train, eval_after, save; `TrainResult.phases` has their seconds.
+`train_on`'s `strategy` holds what differs when one update runs in several processes (`SingleProcess` here; FSDP's
+in `trainer.fsdp`): wrapping the model, each process's share of a step, the backward pass, saving.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from .scoring import score_eval_sets
 Emit = Callable[[dict], None]
 
 
-def load_base(job: TrainJob) -> tuple[Any, Any]:
+def load_base(job: TrainJob, *, load_on: str | None = None) -> tuple[Any, Any]:
+    """The base model (frozen; dtype bf16 when `job.device` is CUDA, else fp32) and its tokenizer. An unquantised
+    base is moved to `job.device`, or to `load_on` when given (the FSDP trainer loads on cpu and shards it onto the
+    GPUs, so no GPU ever holds the whole model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(job.base_model)
@@ -46,7 +51,7 @@ def load_base(job: TrainJob) -> tuple[Any, Any]:
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(job.base_model, **kwargs)
     if job.quantize != "nf4":
-        model.to(device)
+        model.to(torch.device(load_on) if load_on else device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
@@ -126,8 +131,9 @@ class StepInputs:
     front cost minutes before the first one ran.
     """
 
-    def __init__(self, tokenizer: Any, job: TrainJob, device: torch.device):
+    def __init__(self, tokenizer: Any, job: TrainJob, device: torch.device, rank: int = 0, world: int = 1):
         self.pad, self.device, self.job = _pad_id(tokenizer), device, job
+        self.rank, self.world = rank, world  # a distributed update: this process takes every world-th example
         encoded = {i: encode_example(tokenizer, e.kind, e.prompt, e.answer, job.max_seq_len,
                                   e.tools, e.tool_calls)
                    for i, e in job.examples.items()}
@@ -148,6 +154,11 @@ class StepInputs:
 
     def __iter__(self):
         for pairs in self.groups:
+            if self.world > 1:  # this process's share; one left without examples runs one ignored pad token
+                pairs = pairs[self.rank::self.world]
+                if not pairs:
+                    yield collate_encoded([([self.pad], [IGNORE_INDEX])], self.pad, self.device), 0
+                    continue
             if not self.job.pack:
                 batch = collate_encoded(pairs, self.pad, self.device)
                 yield batch, int(batch["attention_mask"].sum())
@@ -160,6 +171,32 @@ class StepInputs:
 def step_inputs(tokenizer: Any, job: TrainJob, device: torch.device) -> StepInputs:
     """The model inputs of every optimizer step and their token counts (`StepInputs`)."""
     return StepInputs(tokenizer, job, device)
+
+
+class SingleProcess:
+    """How `train_on` trains in one process: the hooks a distributed update replaces (`trainer.fsdp.Fsdp`).
+
+    `wrap(model)` -> the model to train; `step_inputs(tokenizer, job, device)` -> `StepInputs`; `backward(model,
+    batch, tokens)` runs one step's forward and backward and returns (the step's loss: mean nats per answer token,
+    the step's tokens); `save(model, folder)` writes the adapter; `reuses_base`: whether the LoRA layers are taken
+    out of the base afterwards (for a warm trainer's next job)."""
+
+    processes = 1
+    reuses_base = True
+
+    def wrap(self, model: Any) -> Any:
+        return model
+
+    def step_inputs(self, tokenizer: Any, job: TrainJob, device: torch.device) -> StepInputs:
+        return step_inputs(tokenizer, job, device)
+
+    def backward(self, model: Any, batch: dict, tokens: int) -> tuple[float, int]:
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), tokens
+
+    def save(self, model: Any, folder: str) -> None:
+        model.save_pretrained(folder)
 
 
 def detach_lora(model: Any, job: TrainJob) -> Any:
@@ -176,9 +213,11 @@ def detach_lora(model: Any, job: TrainJob) -> Any:
 
 
 def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool = False,
-             phases: dict[str, float] | None = None) -> tuple[TrainResult, Any]:
+             phases: dict[str, float] | None = None, strategy: SingleProcess | None = None) -> tuple[TrainResult, Any]:
     """Run `job` on an already loaded base model; return the result and the base model with the LoRA layers taken
-    out again (for the next job of a warm trainer), or None when they could not be taken out."""
+    out again (for the next job of a warm trainer), or None when they could not be taken out (or `strategy` does not
+    reuse its base: a distributed update)."""
+    strategy = strategy or SingleProcess()
     phases = {} if phases is None else phases
     clock = time.monotonic()
 
@@ -198,9 +237,10 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
     model = attach_lora(base, job)
     try:
         kernels = maybe_patch(model, job, emit)
+        model = strategy.wrap(model)
         emit({"event": "log", "message": f"{'warm' if warm else 'loaded'} {job.base_model} on {device} "
-                                         f"quantize={job.quantize}"})
-        steps_in = step_inputs(tokenizer, job, device)
+                                         f"quantize={job.quantize} processes={strategy.processes}"})
+        steps_in = strategy.step_inputs(tokenizer, job, device)
         phase("attach")
         scores = {name: EvalScores(parent=None, candidate=None, examples=len(ids), ids=list(ids))
                   for name, ids in job.eval_sets.items()}
@@ -219,13 +259,12 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
         losses, tokens = [], 0
         t_train = time.monotonic()
         for step, (batch, n_tokens) in enumerate(steps_in):
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            loss, n_tokens = strategy.backward(model, batch, n_tokens)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # FSDP's sharded (DTensor) grads: the global norm
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss)
             tokens += n_tokens
             emit({"event": "progress", "step": step + 1, "steps": steps, "loss": losses[-1], "tokens": tokens,
                   "seconds": time.monotonic() - t_train})
@@ -234,11 +273,11 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
 
         score_eval_sets(model, tokenizer, job, scores, "candidate", collate)
         phase("eval_after")
-        model.save_pretrained(job.output_dir)
+        strategy.save(model, job.output_dir)
         phase("save")
     finally:
         try:
-            base = detach_lora(model, job)
+            base = detach_lora(model, job) if strategy.reuses_base else None
         except Exception as e:  # the update itself is done; only the next one cannot reuse this base
             emit({"event": "log", "message": f"could not take the LoRA layers out again ({e!r}); base not reused"})
             base = None
@@ -251,6 +290,7 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
         tokens=tokens,
         seconds=time.monotonic() - t0,
         device=str(device),
+        processes=strategy.processes,
         quantized=job.quantize == "nf4",
         kernels=kernels,
         eval=scores,

@@ -1,0 +1,126 @@
+"""One update across several processes (torchrun, one per device) with PyTorch FSDP2 (`fully_shard`): the same job,
+progress events, result and adapter as the single-process recipe (`recipe.train_on`, run with the `Fsdp` hooks).
+
+Contract: `run(job, emit)` in each worker torchrun started (RANK, WORLD_SIZE, LOCAL_RANK in its environment):
+- joins the process group (nccl on CUDA, each process on cuda:LOCAL_RANK of the GPUs it sees; gloo on cpu);
+- loads the base on cpu in the compute dtype (bf16 on CUDA, fp32 on cpu), attaches LoRA with the job's seed (every
+  process draws the same initial weights, as the single-process trainer does), then shards each decoder layer and
+  the whole model (`fully_shard`: parameters, gradients and optimizer state are split across the processes; a
+  device holds its shard plus the layer being computed);
+- trains each step on its share of the step's examples (every world-th one, `recipe.StepInputs`), with the loss
+  summed over its answer tokens and divided by the whole step's count (`num_items_in_batch`, all-reduced), times
+  the process count because FSDP averages gradients: the gradients are those of the single-process step, and the
+  reported loss (summed over the processes) is the same mean over the step's answer tokens. Losses therefore match
+  the single-process run within float rounding (tests/test_trainer_distributed.py);
+- scores the eval sets in every process (the same examples: FSDP gathers each layer for the forward) and gathers the
+  LoRA weights (`DTensor.full_tensor`) for process 0, which saves the adapter;
+- prints progress, phases, logs and the result from process 0 only.
+Limits, said where they apply: an NF4 base (`quantize = "nf4"`) is refused with a clear error: bitsandbytes'
+4-bit parameters do not shard under FSDP2, and the QLoRA-FSDP recipe (4-bit storage in a dtype FSDP can shard,
+`bnb_4bit_quant_storage=bfloat16`) is built on FSDP1, which needs CUDA and is not wired here yet. The kernels
+(`sloth_kernels`) are switched off with one logged line: their patched modules are not checked under FSDP's
+parameter gathering. A process that raises exits 1; torchrun then stops the others and exits non-zero (the daemon's
+`TrainerFailed`); a killed torchrun takes its workers with it (`__main__.die_with_parent`).
+Sources: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`, the FSDP2 tutorial), torchrun's environment
+(`torch.distributed.run`), transformers' `num_items_in_batch` loss normalisation (gradient accumulation fix).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..prompting import IGNORE_INDEX
+from .job import TrainJob, TrainResult
+from .recipe import Emit, SingleProcess, StepInputs, load_base, train_on
+
+NF4_REFUSED = ("quantize = nf4 across several devices is not supported yet (bitsandbytes' 4-bit weights do not "
+               "shard under FSDP2): set train.quantize = \"none\" (a bf16 base, sharded) or train on one device")
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The model's transformer blocks: the classes its `_no_split_modules` names (transformers' own list of the
+    modules that must stay whole), else modules whose class name ends in DecoderLayer."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    return [m for m in model.modules()
+            if type(m).__name__ in names or (not names and type(m).__name__.endswith("DecoderLayer"))]
+
+
+class Fsdp(SingleProcess):
+    """`recipe.train_on`'s hooks for one of `world` processes (see the module docstring)."""
+
+    reuses_base = False
+
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world, self.device = rank, world, device
+        self.processes = world
+
+    def wrap(self, model: Any) -> Any:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    def step_inputs(self, tokenizer: Any, job: TrainJob, device: torch.device) -> StepInputs:
+        return StepInputs(tokenizer, job, device, rank=self.rank, world=self.world)
+
+    def backward(self, model: Any, batch: dict, tokens: int) -> tuple[float, int]:
+        counts = torch.tensor([float((batch["labels"][..., 1:] != IGNORE_INDEX).sum()), float(tokens)],
+                              device=self.device)
+        dist.all_reduce(counts)  # [answer tokens of the whole step, tokens of the whole step]
+        loss = model(**batch, num_items_in_batch=counts[0]).loss  # this share's summed loss / the step's count
+        (loss * self.world).backward()  # FSDP averages gradients over the processes
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return total.item(), int(counts[1].item())
+
+    def save(self, model: Any, folder: str) -> None:
+        full = {}
+        for name, p in model.named_parameters():  # every process takes part in gathering each tensor
+            if p.requires_grad:
+                full[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+        if self.rank == 0:
+            model.save_pretrained(folder, state_dict=full)
+        dist.barrier()
+
+
+def run(job: TrainJob, emit: Emit) -> TrainResult | None:
+    """This process's part of a distributed update; the result on process 0, None on the others."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = job.device.startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    out = emit if rank == 0 else (lambda event: None)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    try:
+        if job.quantize == "nf4":
+            raise RuntimeError(NF4_REFUSED)
+        kernels = job.kernels
+        if kernels:
+            out({"event": "log", "message": "kernels: off under FSDP (not checked with sharded parameters)"})
+        job = job.model_copy(update={"device": str(device), "kernels": False, "offload": False})
+        started = time.monotonic()
+        base, tokenizer = load_base(job, load_on="cpu")
+        phases = {"load": round(time.monotonic() - started, 4)}
+        out({"event": "phase", "phase": "load", "time": time.time()})
+        result, _ = train_on(base, tokenizer, job, out, phases=phases, strategy=Fsdp(rank, world, device))
+        if kernels:
+            result.kernels = "off under FSDP"
+        result.device = "cuda" if cuda else "cpu"
+        return result if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
