@@ -13,6 +13,8 @@ Contract:
 Series (labels in braces):
     sloth_http_requests_total{route,status,adapter_version}   counter  HTTP requests answered (route = path template)
     sloth_http_request_duration_seconds{route}                histogram time to the response's headers
+    sloth_zmq_requests_total{op,outcome,adapter_version}      counter  ZeroMQ requests answered (op = the op, or
+                                                                       "invalid"; outcome = ok or the error code)
     sloth_turns_total{route,finish_reason,adapter_version}    counter  generations finished (HTTP and ZeroMQ)
     sloth_tokens_total{route,type,adapter_version}            counter  tokens, type = prompt | completion
     sloth_turn_latency_seconds{route}                         histogram request start to last token
@@ -146,8 +148,8 @@ class _StateCollector(Collector):
         checks = (metrics.get("gate") or {}).get("checks") or []
         for suffix, key, doc in (("measured", "measured", "measurement"), ("bound", "bound", "bound"),
                                  ("passed", "passed", "result (1 passed, 0 failed)")):
-            g = GaugeMetricFamily(f"sloth_last_update_gate_{suffix}", f"The last update's gate checks: each one's {doc}",
-                                  labels=["check"])
+            g = GaugeMetricFamily(f"sloth_last_update_gate_{suffix}",
+                                  f"The last update's gate checks: each one's {doc}", labels=["check"])
             for c in checks:
                 if isinstance(c.get(key), (int, float)):  # a check that measured nothing (none held out) has null
                     g.add_metric([c["name"]], float(c[key]))
@@ -177,6 +179,8 @@ class DaemonMetrics:
         r = self.registry
         self.http_requests = Counter("sloth_http_requests", "HTTP requests answered",
                                      ["route", "status", "adapter_version"], registry=r)
+        self.zmq_requests = Counter("sloth_zmq_requests", "ZeroMQ requests answered",
+                                    ["op", "outcome", "adapter_version"], registry=r)
         self.http_duration = Histogram("sloth_http_request_duration_seconds", "Time to the response's headers",
                                        ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.turns = Counter("sloth_turns", "Generations finished", ["route", "finish_reason", "adapter_version"],
@@ -197,6 +201,9 @@ class DaemonMetrics:
     def observe_http(self, route: str, status: int, seconds: float, adapter_version: str | None) -> None:
         self.http_requests.labels(route, str(status), _label(adapter_version)).inc()
         self.http_duration.labels(route).observe(seconds)
+
+    def observe_zmq(self, op: str, outcome: str, adapter_version: str | None) -> None:
+        self.zmq_requests.labels(op, outcome, _label(adapter_version)).inc()
 
     def turn_started(self) -> None:
         self.in_flight.inc()

@@ -371,6 +371,9 @@ class Operations:
     def observe_http(self, route: str, status: int, seconds: float) -> None:
         self.daemon.metrics.observe_http(route, status, seconds, self.daemon.engine.current_adapter)
 
+    def observe_zmq(self, op: str, outcome: str) -> None:
+        self.daemon.metrics.observe_zmq(op, outcome, self.daemon.engine.current_adapter)
+
     def models(self) -> dict:
         d = self.daemon
         return {"object": "list", "data": [

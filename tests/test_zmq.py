@@ -19,6 +19,7 @@ import zmq
 
 from .conftest import API_KEY
 from .daemon_proc import DaemonProcess, free_port
+from .test_metrics import scrape
 
 MAX_BYTES = 64 * 1024
 MAX_INFLIGHT = 4
@@ -357,6 +358,27 @@ def test_update_ops(zd):
     page = p.result("interactions", limit=2)
     assert len(page["data"]) == 2 and page["total"] >= 2
     p.close()
+
+
+def test_metrics_count_requests_by_op_and_outcome(zd):
+    def counts(samples: dict, **labels: str) -> float:  # summed over the adapter versions
+        return sum(v for (name, ls), v in samples.items()
+                   if name == "sloth_zmq_requests_total" and labels.items() <= dict(ls).items())
+
+    before = scrape(zd.url)
+    p = Peer(zd.ipc)
+    try:
+        p.result("status")
+        error_of(p.call("import", format="csv"))
+        error_of(p.call("no_such_op"))
+        p.send(b"not json")
+        assert p.recv()["code"] == "invalid_message"
+    finally:
+        p.close()
+    after = scrape(zd.url)
+    for labels in ({"op": "status", "outcome": "ok"}, {"op": "import", "outcome": "invalid_request"},
+                   {"op": "invalid", "outcome": "unknown_op"}, {"op": "invalid", "outcome": "invalid_message"}):
+        assert counts(after, **labels) - counts(before, **labels) == 1, labels
 
 
 def test_stop_is_clean_and_removes_the_socket(zd):

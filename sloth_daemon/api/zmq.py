@@ -18,6 +18,8 @@ Contract (wire format: `api/zmq_protocol.py` and docs/zmq-protocol.md):
   `idempotency_key` gets the first answer (`Operations` idempotency, as HTTP's `Idempotency-Key`).
 - With an API key configured (`api_key`, read per request: a SIGHUP reload may change it), requests on TCP endpoints
   must carry it as `key`; IPC sockets rely on file permissions.
+- Every message answered counts once in the metrics (`Operations.observe_zmq`): its op ("invalid" when refused
+  before its op was read, or for an unknown op) and its outcome ("ok", the error code, or "gone").
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class _Request:
     encoding: str
     task: asyncio.Task | None = None
     cancel_reason: str | None = None  # "cancelled" (cancel op), "gone" (peer vanished), "shutdown"
+    op: str = ""
+    outcome: str = "gone"  # for the metrics: "ok" or the error code it was answered with
 
     @property
     def client(self) -> tuple[int, bytes]:
@@ -329,14 +333,15 @@ class ZmqServer:
         if ep.tcp and key and not (isinstance(msg.get("key"), str)
                                    and hmac.compare_digest(msg["key"].encode(), key.encode())):
             self._reply_now(ep, envelope, encoding, _error(rid, "unauthorized",
-                                                           "missing or wrong API key (send it as 'key')"))
+                                                           "missing or wrong API key (send it as 'key')"), op=op)
             return
         if self.ops.stopping:  # SIGTERM: what runs may finish, nothing new starts
-            self._reply_now(ep, envelope, encoding, _error(rid, "unavailable", "the daemon is shutting down"))
+            self._reply_now(ep, envelope, encoding, _error(rid, "unavailable", "the daemon is shutting down"), op=op)
             return
         requests = self._clients.setdefault((ep.index, identity), {})
         if rid in requests:
-            self._reply_now(ep, envelope, encoding, _error(rid, "invalid_request", f"id {rid!r} is already in flight"))
+            self._reply_now(ep, envelope, encoding, _error(rid, "invalid_request", f"id {rid!r} is already in flight"),
+                            op=op)
             return
         fields = {k: v for k, v in msg.items() if k not in ENVELOPE_KEYS}
         if op == "cancel":
@@ -344,9 +349,10 @@ class ZmqServer:
             return
         if len(requests) >= self.max_inflight:
             self._reply_now(ep, envelope, encoding, _error(
-                rid, "busy", f"this client already has {len(requests)} requests in flight (limit {self.max_inflight})"))
+                rid, "busy", f"this client already has {len(requests)} requests in flight (limit {self.max_inflight})"),
+                op=op)
             return
-        req = _Request(ep, envelope, rid, encoding)
+        req = _Request(ep, envelope, rid, encoding, op=op)
         requests[rid] = req
         req.task = asyncio.get_running_loop().create_task(self._handle(req, op, fields), name=f"zmq-{op}")
         req.task.add_done_callback(lambda task: self._finished(req, task))
@@ -356,38 +362,44 @@ class ZmqServer:
         try:
             target = parse(_CancelRequest, fields).target
         except OpError as e:
-            self._reply_now(ep, envelope, encoding, _op_error(rid, e))
+            self._reply_now(ep, envelope, encoding, _op_error(rid, e), op="cancel")
             return
         req = requests.get(target)
         if req is not None and req.task is not None and not req.task.done():
             req.cancel_reason = "cancelled"
             req.task.cancel()
         self._reply_now(ep, envelope, encoding, {"v": VERSION, "id": rid, "type": "result", "op": "cancel",
-                                                  "result": {"cancelled": req is not None}})
+                                                  "result": {"cancelled": req is not None}}, op="cancel")
 
     # -- handling -------------------------------------------------------------------------------------------------
     async def _handle(self, req: _Request, op: str, fields: dict) -> None:
         try:
             if op in ("chat", "complete"):
-                await self._generate(req, op, fields)
+                sent = await self._generate(req, op, fields)
             else:
                 result = await self._call(op, fields)
-                await self._send(req, {"v": VERSION, "id": req.id, "type": "result", "op": op, "result": result})
+                sent = await self._send(req, {"v": VERSION, "id": req.id, "type": "result", "op": op,
+                                              "result": result})
+            req.outcome = "ok" if sent else "gone"
         except OpError as e:
+            req.outcome = e.code
             await self._send(req, _op_error(req.id, e))
         except Exception as e:
             log.exception("zmq: %s failed", op)
+            req.outcome = "internal"
             await self._send(req, _error(req.id, "internal", f"{e.__class__.__name__}: {e}"))
 
     def _finished(self, req: _Request, task: asyncio.Task) -> None:
         """Runs for every request task, also one cancelled before it started: free its slot, say why it ended."""
         if task.cancelled():
+            req.outcome = {"cancelled": "cancelled", "shutdown": "unavailable"}.get(req.cancel_reason or "", "gone")
             if req.cancel_reason == "cancelled":
                 self._try_send(req, _error(req.id, "cancelled", "the request was cancelled"))
             elif req.cancel_reason == "shutdown":
                 self._try_send(req, _error(req.id, "unavailable", "the daemon is shutting down"))
         elif task.exception() is not None:
             log.error("zmq: request task failed", exc_info=task.exception())
+        self.ops.observe_zmq(req.op, req.outcome)
         requests = self._clients.get(req.client)
         if requests is not None and requests.get(req.id) is req:
             del requests[req.id]
@@ -428,7 +440,8 @@ class ZmqServer:
             return await asyncio.to_thread(ops.remove_adapter, parse(RollbackRequest, fields).version)
         raise OpError("internal", f"op {op!r} has no handler")
 
-    async def _generate(self, req: _Request, op: str, fields: dict) -> None:
+    async def _generate(self, req: _Request, op: str, fields: dict) -> bool:
+        """Run one generation for `req`; True once its final message went out, False if the peer was gone."""
         fields.setdefault("model", self.ops.model_name)
         # `idempotency_key` (HTTP: the Idempotency-Key header): a retry with it gets the first answer. Request ids are
         # no such key: clients number them per connection, so unrelated clients send the same ids.
@@ -448,14 +461,14 @@ class ZmqServer:
                     if body.streaming and ev.text:
                         msg = {"v": VERSION, "id": req.id, "type": "chunk", "text": ev.text, "index": ev.index}
                         if not await self._send(req, msg):
-                            return  # the peer is gone: closing the stream cancels the turn (never logged)
+                            return False  # the peer is gone: closing the stream cancels the turn (never logged)
                 elif isinstance(ev, TurnDone):
-                    await self._send(req, {
+                    return await self._send(req, {
                         "v": VERSION, "id": req.id, "type": "final", "interaction_id": ev.id, "text": ev.text,
                         "finish_reason": ev.finish_reason, "usage": usage(ev), "adapter_version": ev.adapter_version,
                         "logged": ev.logged, "journaled": ev.journaled, "model": self.ops.model_name,
                         "choices": _choices(op, ev)})
-                    return
+        return False  # the events ended without a final one (the turn was cut short)
 
     # -- sending --------------------------------------------------------------------------------------------------
     def _send_frames(self, ep: _Endpoint, frames: list[bytes]) -> str:
@@ -470,8 +483,11 @@ class ZmqServer:
             return "gone"
         raise exc
 
-    def _reply_now(self, ep: _Endpoint, envelope: list[bytes], encoding: str, msg: dict) -> None:
-        """Answer a message that never became a request; dropped if the peer cannot take it right now."""
+    def _reply_now(self, ep: _Endpoint, envelope: list[bytes], encoding: str, msg: dict, *,
+                   op: str = "invalid") -> None:
+        """Answer a message that never became a request (`op`: "invalid" while its op is not read yet, or unknown);
+        dropped if the peer cannot take it right now."""
+        self.ops.observe_zmq(op, "ok" if msg.get("type") == "result" else msg.get("code", "invalid_message"))
         self._send_frames(ep, [*envelope, encode(msg, encoding)])  # type: ignore[arg-type]
 
     def _try_send(self, req: _Request, msg: dict) -> None:
