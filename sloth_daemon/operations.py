@@ -190,7 +190,7 @@ class Operations:
 
     def __init__(self, daemon: DaemonParts):
         self.daemon = daemon
-        self._tok: Any = None  # the model's tokenizer, loaded on the first import (documents are split with it)
+        self._tok: Any = None  # the model's tokenizer for imports when the engine has none (`_tokenizer`)
 
     @property
     def cfg(self) -> "DaemonConfig":
@@ -527,10 +527,15 @@ class Operations:
                 "pending_examples": pending}
 
     def _tokenizer(self) -> Any:
+        """The tokenizer with the chat template serving, teaching and training use: the engine's, or (no engine
+        tokenizer yet) the model folder's loaded with the same choice of template (`chat_template.load_tokenizer`)."""
+        engine_tokenizer = getattr(self.daemon.engine, "tokenizer", None)
+        if engine_tokenizer is not None:
+            return engine_tokenizer
         if self._tok is None:
-            from transformers import AutoTokenizer
+            from .chat_template import load_tokenizer
 
-            self._tok = AutoTokenizer.from_pretrained(self.daemon.updater.base_model)
+            self._tok = load_tokenizer(self.daemon.updater.base_model, self.daemon.cfg.chat_template)[0]
         return self._tok
 
     # -- updates and adapters -----------------------------------------------------------------------------------

@@ -32,6 +32,15 @@ TAUGHT_QUESTION, TAUGHT_ANSWER = "What is sloth-daemon?", (
     "A service that serves a local LLM and keeps fine-tuning it with LoRA from your feedback.")
 QUIET = {"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_ANCHORS_ENABLED": "false"}
 START_TIMEOUT_S = 300  # six daemons start here; on a busy 2-core machine one may take minutes
+# FOLDED, made tool-aware (Hermes-style calls): sloth-tiny's own template ignores tools, this one renders them.
+FOLDED_TOOLS = FOLDED.replace(
+    "{{ bos_token }}", "{{ bos_token }}{% if tools %}<|system|>Call a tool as <tool_call>{\"name\": ..., "
+    "\"arguments\": ...}</tool_call>: {{ tools | tojson }}<|end|>{% endif %}", 1).replace(
+    "{{ '<|assistant|>' + message['content'] + '<|end|>' }}",
+    "{{ '<|assistant|>' + (message['content'] or '') }}{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>' + (call['function'] | tojson) + '</tool_call>' }}{% endfor %}{{ '<|end|>' }}")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
 def start(tmp_path_factory, tiny_model, family: str, env: dict | None = None, args: list | None = None):
@@ -129,10 +138,12 @@ def test_tool_results_render_with_a_tool_aware_template(family):
 
 @pytest.fixture(scope="module")
 def configured(tmp_path_factory, tiny_model):
-    """sloth-tiny served with the config's chat_template: a Llama-2-like file that folds the system message."""
+    """sloth-tiny served with the config's chat_template: a Llama-2-like file that folds the system message (and
+    renders tools, which sloth-tiny's own template does not)."""
     root = tmp_path_factory.mktemp("configured")
     template = root / "folded.jinja"
-    template.write_text(FOLDED)
+    assert FOLDED_TOOLS != FOLDED and "<tool_call>" in FOLDED_TOOLS
+    template.write_text(FOLDED_TOOLS)
     state = root / "state"
     shutil.copytree(tiny_model, state / "models" / tiny_model.name)
     config = root / "sloth.toml"
@@ -169,6 +180,34 @@ def test_the_trainer_renders_exactly_as_the_engines_do(tiny_model, tmp_path):
         assert render_prompt(trained, "chat", messages) == prompt
         ids, labels = encode_example(trained, "chat", messages, "Hi.", 256)
         assert ids[: labels.count(-100)] == encode(served, prompt)  # the loss masks exactly the served prompt
+
+
+def test_import_judges_tools_by_the_template_in_use(configured, tiny_model):
+    """Importing a row that offers and calls tools asks the configured template (which renders tools), not the
+    model folder's own (which does not), as teaching and serving do."""
+    assert "<tool_call>" not in (load_tokenizer(tiny_model, None)[0].chat_template or "")
+    row = {"messages": [{"role": "user", "content": "Weather in Bern?"},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}]}],
+           "tools": [WEATHER]}
+    r = httpx.post(configured.url + "/sloth/import", json={"rows": [row]}, timeout=60)
+    assert r.status_code == 200 and r.json()["examples"] == 1, r.text
+    taught = httpx.post(configured.url + "/sloth/teach", json={"examples": [
+        {"prompt": row["messages"][:1], "tools": [WEATHER], "tool_calls": row["messages"][1]["tool_calls"]}]},
+        timeout=60)
+    assert taught.status_code == 200 and taught.json()["duplicates"] == 1, taught.text  # the same example
+
+
+@pytest.mark.parametrize("family", ["no-system"], indirect=True)
+def test_import_refuses_rows_the_template_refuses(family):
+    """A row the chat template refuses is an import error naming `messages` (as teaching refuses it), not an update
+    that fails later."""
+    rows = [{"messages": [*SYSTEM_FIRST, {"role": "assistant", "content": "Hi."}]}]
+    r = httpx.post(family.url + "/sloth/import", json={"rows": rows, "lines": [4]}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages", r.text
+    assert "line 4" in err["message"] and "System role not supported" in err["message"]
+    assert status(family)["pending_examples"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ Contract:
   stored (the caller raises); with `skip_invalid` the bad rows are reported and the rest stored.
 - Chat and completion rows become `teach` examples, documents and `text` rows `document` examples. Duplicates (within the file or
   of stored examples) are stored once: the store deduplicates by content hash.
-- OpenAI rows with `tools` keep them (and an answer's `tool_calls`) when the chat template renders tools
-  (`tool_calls.check_answer_tools`); otherwise, or when a call names a tool the row does not offer, the row is an
-  error naming the field.
+- `tokenizer` carries the chat template serving and training use (the config's `chat_template`, else the model's
+  own: `Operations` passes the engine's). OpenAI rows with `tools` keep them (and an answer's `tool_calls`) when that
+  template renders tools (`tool_calls.check_answer_tools`); otherwise, or when a call names a tool the row does not
+  offer, the row is an error naming the field. A chat row the template refuses (`prompting.check_example`, as
+  teaching checks it) is an error naming `messages`, not a failed update later.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from sloth_replay import ToolCallError, make_example
 
+from ..prompting import ChatTemplateError, check_example
 from ..tool_calls import check_answer_tools
 
 from .chunking import split_document
@@ -60,8 +63,9 @@ def plan_import(req: ImportRequest, tokenizer: Any, max_seq_len: int) -> ImportP
             tool_use = {"tools": row.tools, "tool_calls": row.tool_calls}
             if row.tools is not None:
                 check_answer_tools(tokenizer, row.tools, row.tool_calls)
-            # the store's own validation, before storing
-            make_example(row.kind, row.prompt, row.answer, "teach", **tool_use)
+            # the store's own validation, and the chat template's (as teaching checks), before storing
+            ex = make_example(row.kind, row.prompt, row.answer, "teach", **tool_use)
+            check_example(tokenizer, ex.kind, ex.prompt, ex.answer, ex.tools, ex.tool_calls)
             plan.examples.append(("teach", row.kind, row.prompt, row.answer)
                                  + ((tool_use,) if row.tools is not None else ()))
         except RowError as e:
@@ -69,6 +73,8 @@ def plan_import(req: ImportRequest, tokenizer: Any, max_seq_len: int) -> ImportP
         except ToolCallError as e:
             field_ = "tools" if e.param == "tools" else f"messages.{len(row.prompt)}.{e.param}"
             plan.errors.append(RowError(line, field_, str(e).split(": ", 1)[1]))
+        except ChatTemplateError as e:
+            plan.errors.append(RowError(line, "messages", f"the chat template refused this row: {e}"))
         except ValueError as e:
             plan.errors.append(RowError(line, None, str(e)))
     for i, text in enumerate(req.documents):
