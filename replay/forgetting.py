@@ -11,9 +11,9 @@ Contract (`forget`, one ``BEGIN IMMEDIATE`` transaction: all of it happens or no
 - What is deleted: those rows, and every link to the examples (update_examples, set_aside, withdrawn). Set-aside
   examples whose reason names a forgotten example (they contradicted it) are pending again: forgetting the earlier
   answer is how a user replaces it. Nothing of the deleted text stays, except:
-- `forgotten`: the deleted examples that some adapter had trained on, kept (kind, prompt, answer) only until an
-  adapter rebuilt without them is promoted (`purge_forgotten`), so that the rebuild's gate can check it no longer
-  gives their answers.
+- `forgotten`: the deleted examples that some adapter had trained on, kept whole (kind, prompt, answer, the tools
+  offered and the calls made) only until an adapter rebuilt without them is promoted (`purge_forgotten`), so that
+  the rebuild's gate can check it no longer gives their answers (tool calls included).
 - Tainted: every adapter version whose update trained on a deleted example as a new example, or started after one
   joined the replay pool (its batches may have replayed it), or continued from a tainted version. Recorded in
   `tainted_adapters` with the forget request's id; the daemon mirrors it into the registry and rebuilds.
@@ -183,11 +183,13 @@ def forget(store: ReplayStore, *, example_ids: list[str] = (), feedback_ids: lis
         if examples:
             marks, vals = _in(examples)
             trained = _ids(db, f"SELECT example_id FROM update_examples WHERE example_id IN ({marks})", vals)
-            for row in db.query(f"SELECT id, kind, prompt, answer FROM examples WHERE id IN ({marks})", vals):
+            for row in db.query(f"SELECT id, kind, prompt, answer, tools, tool_calls FROM examples "
+                                f"WHERE id IN ({marks})", vals):
                 if row["id"] in trained and tainted:
-                    db.execute("INSERT OR REPLACE INTO forgotten (example_id, forget_id, kind, prompt, answer) "
-                               "VALUES (?, ?, ?, ?, ?)", [row["id"], forget_id, row["kind"], row["prompt"],
-                                                          row["answer"]])
+                    db.execute("INSERT OR REPLACE INTO forgotten (example_id, forget_id, kind, prompt, answer, tools, "
+                               "tool_calls) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               [row["id"], forget_id, row["kind"], row["prompt"], row["answer"], row["tools"],
+                                row["tool_calls"]])
             for ex_id, reason in list(db.execute("SELECT example_id, reason FROM set_aside")):
                 if ex_id not in examples and any(f in reason for f in examples):
                     requeued.append(ex_id)
@@ -225,13 +227,17 @@ def tainted_adapters(store: ReplayStore) -> dict[str, str]:
 
 
 def forgotten_examples(store: ReplayStore) -> list[Example]:
-    """The forgotten examples kept for checking a rebuild (source "teach" stands in: their source is gone)."""
+    """The forgotten examples kept for checking a rebuild, whole: prompt, answer, the tools offered and the calls made
+    (so each has the id it had; source "teach" stands in: their source is gone)."""
     from .examples import make_example
+
+    def loaded(value: str | None) -> Any:
+        return None if value is None else json.loads(value)
 
     with store.read_transaction() as db:
         rows = list(db.query("SELECT * FROM forgotten ORDER BY forget_id, example_id"))
-    return [make_example(r["kind"], None if r["prompt"] is None else json.loads(r["prompt"]), r["answer"], "teach")
-            for r in rows]
+    return [make_example(r["kind"], loaded(r["prompt"]), r["answer"], "teach", tools=loaded(r["tools"]),
+                         tool_calls=loaded(r["tool_calls"])) for r in rows]
 
 
 def purge_forgotten(store: ReplayStore) -> int:

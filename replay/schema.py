@@ -24,6 +24,8 @@ History:
   adapter is promoted, so that its gate can check the rebuild no longer gives their answers).
 - v5: tool use in training data: examples.tools (JSON: the OpenAI tools the prompt offered) and examples.tool_calls
   (JSON: the answer's tool calls), feedback.tool_calls (a correction that calls tools); NULL for everything before.
+- v6: forgotten.tools and forgotten.tool_calls: a forgotten example is kept whole (as examples holds it), so the
+  rebuild's gate renders it with its tools and checks that its tool calls do not come back; NULL before.
 """
 
 from __future__ import annotations
@@ -161,7 +163,12 @@ def _v5(db: Database) -> None:
     db.execute("ALTER TABLE feedback ADD COLUMN tool_calls TEXT")  # JSON list, or NULL
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db: Database) -> None:
+    db.execute("ALTER TABLE forgotten ADD COLUMN tools TEXT")  # JSON list, or NULL (as examples.tools)
+    db.execute("ALTER TABLE forgotten ADD COLUMN tool_calls TEXT")  # JSON list, or NULL (as examples.tool_calls)
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

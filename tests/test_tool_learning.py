@@ -20,7 +20,7 @@ from sloth_daemon.dataio.importer import ImportRequest, plan_import
 from sloth_daemon.prompting import encode_example, render_prompt
 from sloth_daemon.tool_calls import ToolUse, check_answer_tools, detect
 from sloth_replay import ReplayStore, ToolCallError, content_hash, make_example
-from sloth_replay.schema import migrate
+from sloth_replay.schema import SCHEMA_VERSION, migrate
 
 from .daemon_proc import DaemonProcess
 from .tool_model import HERMES_TEMPLATE, LLAMA3_JSON_TEMPLATE, with_template
@@ -105,7 +105,7 @@ def test_store_keeps_tools_migrates_and_exports_losslessly(tmp_path, tiny_model)
                                                              plain.created_at])
     conn.close()
     store = ReplayStore(db)
-    assert store.schema_version == 5 and store.get_example(plain.id) == plain
+    assert store.schema_version == SCHEMA_VERSION and store.get_example(plain.id) == plain
     assert store.add_taught(prompt, "Sunny.") == (plain, False)  # the same id as before the migration
     history = [*prompt, {"role": "assistant", "content": None, "tool_calls": [call("get_weather", {"city": "Paris"},
                                                                                    id="call_1")]},

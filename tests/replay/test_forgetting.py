@@ -60,6 +60,51 @@ def test_forgetting_a_learnt_example_taints_what_trained_on_it_and_keeps_it_only
     assert purge_forgotten(store) == 1 and forgotten_examples(store) == []
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_a_forgotten_tool_call_is_kept_whole_for_the_check(store):
+    """The rebuild's gate must render a forgotten tool-call example with its tools and see whether its calls come
+    back: the kept example is the one that was trained (same id), tools and calls included."""
+    prompt = [{"role": "user", "content": "Weather in Bern?"}]
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}]
+    called, _ = store.add_taught(prompt, "", tools=[WEATHER], tool_calls=calls)
+    said, _ = store.add_taught(prompt, "Sunny.", tools=[WEATHER])
+    plain, _ = store.add_taught("Cat?", "Biscuit")
+    update(store, [called.id, said.id, plain.id], version="v000001")
+    forget(store, example_ids=[called.id, said.id, plain.id])
+    kept = {e.id: e for e in forgotten_examples(store)}
+    assert set(kept) == {called.id, said.id, plain.id}
+    assert (kept[called.id].tools, kept[called.id].tool_calls, kept[called.id].answer) == ([WEATHER], calls, "")
+    assert (kept[said.id].tools, kept[said.id].tool_calls) == ([WEATHER], None)
+    assert (kept[plain.id].tools, kept[plain.id].tool_calls, kept[plain.id].prompt) == (None, None, "Cat?")
+
+
+def test_forgotten_rows_from_before_v6_still_load(tmp_path):
+    """A store at schema v5 with a kept forgotten example migrates to v6 (new columns NULL) and still loads it."""
+    import json
+    import sqlite3
+
+    from sqlite_utils import Database
+
+    from sloth_replay.schema import migrate
+
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    migrate(Database(conn), target=5)
+    conn.execute("INSERT INTO forget_requests (created_at, selection, result) VALUES ('t', '{}', '{}')")
+    conn.execute("INSERT INTO forgotten (example_id, forget_id, kind, prompt, answer) VALUES ('x', 1, 'chat', ?, ?)",
+                 [json.dumps([{"role": "user", "content": "Cat?"}]), "Biscuit"])
+    conn.close()
+    s = ReplayStore(db)
+    try:
+        (kept,) = forgotten_examples(s)
+        assert (kept.prompt, kept.answer, kept.tools, kept.tool_calls) == ([{"role": "user", "content": "Cat?"}],
+                                                                           "Biscuit", None, None)
+    finally:
+        s.close()
+
+
 def test_an_interaction_takes_its_feedback_and_the_examples_only_it_gave(store):
     q = [{"role": "user", "content": "Capital?"}]
     turn(store, "t1", q, "Lyon.")

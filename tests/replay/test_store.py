@@ -59,7 +59,7 @@ def log(store, id, *, kind="chat", prompt=None, response="Paris.", **overrides):
 
 def test_creates_file_in_wal_mode_at_latest_schema(store, db_path):
     assert db_path.is_file()
-    assert store.schema_version == SCHEMA_VERSION == 5
+    assert store.schema_version == SCHEMA_VERSION == 6
     conn = sqlite3.connect(db_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
