@@ -262,7 +262,8 @@ def run_config(name: str, args, model_dir: Path, work: Path, gpu: GpuMemory, sav
         model = http.get("/v1/models").json()["data"][0]["id"]
         # Anchors are made in the background at first start; updates wait for them: wait here, off the clock.
         deadline = time.monotonic() + 600
-        while http.get("/sloth/status").json().get("anchors", 1) == 0 and time.monotonic() < deadline:
+        anchors = CONFIGS[name].get("SLOTH_ANCHORS_ENABLED", "true").lower() != "false"  # off: none will come
+        while anchors and http.get("/sloth/status").json().get("anchors", 1) == 0 and time.monotonic() < deadline:
             time.sleep(0.5)
         offset = 0
         for n in args.examples:
