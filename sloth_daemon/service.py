@@ -449,6 +449,7 @@ class _Server(uvicorn.Server):
             self.notifier.reloading()
             try:
                 new = await asyncio.to_thread(self.reload_config)
+                check_gpus(new)  # train.devices is live: a GPU this machine lacks is refused like a bad file
             except ConfigError as e:
                 log.error("SIGHUP: the configuration is invalid; the running one stays:\n%s", e)
                 self.daemon.reload_problem = "config reload failed (see the log)"

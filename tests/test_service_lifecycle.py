@@ -146,7 +146,14 @@ def test_sighup_applies_live_settings_and_reports_the_rest(service):
         ready = notify.wait_for(lambda f: f.get("READY") == "1", since=since)
         assert "config reload failed" in ready["STATUS"]
         assert http.get("/sloth/status").status_code == 200  # the running configuration (and key) stay
+
+        config.write_text(f'api_key = "{KEY}"\n[train]\ndevices = [63]\n')  # a GPU this machine lacks
+        since = len(notify.messages)
+        daemon.proc.send_signal(signal.SIGHUP)
+        ready = notify.wait_for(lambda f: f.get("READY") == "1", since=since)
+        assert "config reload failed" in ready["STATUS"]
     assert "log_level: Input should be" in daemon.log()
+    assert "train.devices: cuda:63 is not on this machine" in daemon.log()
 
 
 def test_sigterm_during_an_update_and_streams(service):
