@@ -160,6 +160,15 @@ _PENDING_WHERE = f"{_WAITING_WHERE} AND NOT {_IN_RUNNING}"
 _REPLAY_WHERE = f"e.source != 'anchor' AND {_IN_REPLAY}"
 
 
+def _logged_answer(interaction: dict) -> tuple[str, list[dict] | None]:
+    """What a thumbs-up on a logged turn teaches: `(answer, tool_calls)`. The logged response, or, when it called
+    tools (`params.tool_calls`, logged with the text outside the calls as `params.content`), those calls."""
+    params = json.loads(interaction["params"])
+    if params.get("tool_calls"):
+        return params.get("content") or "", params["tool_calls"]
+    return interaction["response"], None
+
+
 class ReplayStore:
     """The daemon's SQLite replay store. See the module docstring for the contract."""
 
@@ -391,7 +400,9 @@ class ReplayStore:
           that offered tools does, so the prompt is trained as it was served);
         - "up" alone -> the turn's latest correction if it has one (an "up" after a fix endorses the fix, it does
           not add the bad answer), else the logged response (source "rated_up"; none when that response is empty:
-          the rating is kept, there is nothing to learn);
+          the rating is kept, there is nothing to learn); a response that called tools (its `params` hold
+          `tool_calls`) is learnt as those calls and the text outside them (`params.content`), as a correction
+          with the same calls would be;
         - "down" alone -> none, and it takes back an earlier "up" of the logged response (a correction stays: the
           answer it replaced was the bad one).
         Examples that earlier feedback on this turn derived and that this one replaces (a correction or an "up":
@@ -426,14 +437,14 @@ class ReplayStore:
                 example = self._example(next(iter(db.query("SELECT * FROM examples WHERE id = ?", last_fix))))
             elif correction is not None or rating == "up":
                 source = "correction" if correction is not None else "rated_up"
-                answer = correction if correction is not None else inter["response"]
+                answer, calls = (correction, tool_calls) if correction is not None else _logged_answer(inter)
                 tools = json.loads(inter["params"]).get("tools") or None
                 if tool_calls is not None and correction is not None and not tools:
                     raise InvalidInput(f"tool_calls: turn {interaction_id!r} offered no tools, so its correction "
                                        "cannot call one", "tool_calls")
                 try:
                     candidate = make_example(inter["kind"], json.loads(inter["prompt"]), answer, source, tools=tools,
-                                             tool_calls=tool_calls if correction is not None else None)
+                                             tool_calls=calls)
                 except ToolCallError as e:
                     raise InvalidInput(str(e), e.param) from None
                 except ValueError as e:
@@ -462,8 +473,9 @@ class ReplayStore:
             withdrawn, learnt = [], []
             replaced = [e for e in dict.fromkeys(earlier) if e != keep]
             if correction is None and rating == "down":
+                answers = [inter["response"], _logged_answer(inter)[0]]
                 replaced = [e for e in replaced if db.execute(
-                    "SELECT 1 FROM examples WHERE id = ? AND answer = ?", [e, inter["response"]]).fetchone()]
+                    "SELECT 1 FROM examples WHERE id = ? AND answer IN (?, ?)", [e, *answers]).fetchone()]
             for old in replaced:
                 if self._learnt(db, old):
                     learnt.append(old)

@@ -140,8 +140,9 @@ def _choice(f: Finished, tool_use: ToolUse | None) -> Choice:
 
 
 def logged_params(params: SamplingParams, choices: tuple[Choice, ...], tool_use: ToolUse | None = None) -> dict:
-    """The request fields that shaped the answer, as the replay store keeps them (`interactions.params`); the
-    other choices' texts when n > 1 (the response column holds choice 0)."""
+    """The request fields that shaped the answer, as the replay store keeps them (`interactions.params`); when
+    choice 0 called tools, its `tool_calls` and `content` (the text outside them: what a thumbs-up teaches); the
+    other choices' texts when n > 1 (the response column holds choice 0's raw text)."""
     out: dict = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
                  "stop": list(params.stop), "seed": params.seed}
     if params.presence_penalty or params.frequency_penalty:
@@ -155,8 +156,8 @@ def logged_params(params: SamplingParams, choices: tuple[Choice, ...], tool_use:
     if tool_use is not None:
         out.update(tools=tool_use.tools, tool_choice=tool_use.choice, parallel_tool_calls=tool_use.parallel,
                    tool_call_format=tool_use.format.name)
-        if choices[0].tool_calls:
-            out["tool_calls"] = list(choices[0].tool_calls)
+        if choices[0].tool_calls:  # the message the client got: its calls and the text outside them
+            out.update(tool_calls=list(choices[0].tool_calls), content=choices[0].content)
     if params.n > 1:
         out["n"] = params.n
         out["choices"] = [{"text": c.text, "finish_reason": c.finish_reason, "tool_calls": list(c.tool_calls)}

@@ -186,10 +186,9 @@ def test_import_judges_tools_by_the_template_in_use(configured, tiny_model):
     """Importing a row that offers and calls tools asks the configured template (which renders tools), not the
     model folder's own (which does not), as teaching and serving do."""
     assert "<tool_call>" not in (load_tokenizer(tiny_model, None)[0].chat_template or "")
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}]
     row = {"messages": [{"role": "user", "content": "Weather in Bern?"},
-                        {"role": "assistant", "content": None, "tool_calls": [
-                            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}]}],
-           "tools": [WEATHER]}
+                        {"role": "assistant", "content": None, "tool_calls": calls}], "tools": [WEATHER]}
     r = httpx.post(configured.url + "/sloth/import", json={"rows": [row]}, timeout=60)
     assert r.status_code == 200 and r.json()["examples"] == 1, r.text
     taught = httpx.post(configured.url + "/sloth/teach", json={"examples": [

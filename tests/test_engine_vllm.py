@@ -222,11 +222,16 @@ def test_tool_calls_are_vllms_own(daemon):
         assert row["params"]["tool_calls"][0]["function"] == call["function"]
         assert row["params"]["tool_choice"] == "get_weather" and row["finish_reason"] == "tool_calls"
 
-        for seed in (1, 2):
-            body, _ = _tool_turn(c, tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=seed)
-            (call,) = body["choices"][0]["message"]["tool_calls"]
-            assert call["function"]["name"] in ("get_weather", "get_time")
+        body, _ = _tool_turn(c, tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=1, n=2,
+                             logprobs=True, top_logprobs=2)
+        assert [ch["index"] for ch in body["choices"]] == [0, 1]
+        for ch in body["choices"]:
+            (call,) = ch["message"]["tool_calls"]
+            assert call["function"]["name"] in ("get_weather", "get_time") and ch["finish_reason"] == "tool_calls"
             json.loads(call["function"]["arguments"])
+            tokens = ch["logprobs"]["content"]  # vLLM's logprobs of the raw output, in the chat shape
+            assert "".join(t["token"] for t in tokens).startswith("<tool_call>")
+            assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in tokens)
 
         events = []
         with c.stream("POST", "/v1/chat/completions", json={

@@ -236,6 +236,26 @@ def test_latest_feedback_on_a_turn_wins(store):
     assert taught.id in [e.id for e in store.pending_examples()]
 
 
+def test_an_up_on_a_turn_that_called_tools_learns_the_calls(store):
+    """A thumbs-up on a turn whose answer was a tool call teaches that call (as a correction with it would), not the
+    raw text it was parsed from; a later "down" takes it back."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    call = {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}
+    raw = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Bern"}}</tool_call>'
+    log(store, "t-tool", response=raw, finish_reason="tool_calls",
+        params={"tools": tools, "tool_choice": "auto", "tool_calls": [call], "content": "Checking."})
+    up = store.add_feedback("t-tool", rating="up")
+    ex = store.get_example(up["example_id"])
+    assert (ex.answer, ex.tools, ex.source) == ("Checking.", tools, "rated_up")
+    assert ex.tool_calls == [{"type": "function", "function": call["function"]}]
+    fix = store.add_feedback("t-tool", correction="Checking.", tool_calls=[call])
+    assert fix["example_id"] == ex.id  # the same example
+    log(store, "t-tool2", response=raw, params={"tools": tools, "tool_calls": [call], "content": None})
+    liked = store.add_feedback("t-tool2", rating="up")
+    assert store.get_example(liked["example_id"]).answer == ""
+    assert store.add_feedback("t-tool2", rating="down")["withdrawn"] == [liked["example_id"]]
+
+
 def test_feedback_errors(store):
     log(store, "chatcmpl-1")
     with pytest.raises(NotFound):
