@@ -247,6 +247,12 @@ def test_tool_calls_are_vllms_own(daemon):
         body, row = _tool_turn(c, tool_choice="auto", temperature=0, max_tokens=12)
         assert body["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
         assert row["params"]["tool_choice"] == "auto"
+
+        serve(daemon, "v000001")  # the chat endpoint serves the adapter under its vLLM name too
+        body, row = _tool_turn(c, tool_choice="required", temperature=0)
+        assert body["sloth"]["adapter_version"] == row["adapter_version"] == "v000001"
+        assert body["choices"][0]["message"]["tool_calls"] and row["params"]["content"] is None
+        serve(daemon, "base")
     assert status(daemon)["vllm"]["chat_render_mismatches"] == 0
 
 
