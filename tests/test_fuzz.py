@@ -33,9 +33,9 @@ SKIPPED = {("post", "/sloth/updates")}  # would start real training; it takes no
 ZMQ_CODES = {"invalid_message", "unsupported_version", "unknown_op", "too_large", "unauthorized", "busy",
              "invalid_request", "not_found", "conflict", "cancelled"}
 ZMQ_OPS = {"chat": "ChatCompletionRequest", "complete": "CompletionRequest", "feedback": "FeedbackRequest",
-           "teach": "TeachRequest", "rollback": "RollbackRequest", "requeue": "RequeueRequest", "status": None,
-           "models": None, "adapters": None, "updates": None, "interactions": None, "set_aside": None,
-           "cancel": None}
+           "teach": "TeachRequest", "import": "ImportRequest", "rollback": "RollbackRequest",
+           "requeue": "RequeueRequest", "status": None, "models": None, "adapters": None, "updates": None,
+           "interactions": None, "set_aside": None, "cancel": None}
 
 
 @pytest.fixture(scope="module")

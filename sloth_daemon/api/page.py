@@ -2,7 +2,8 @@
 
 The page has no build step and fetches nothing from the internet: plain HTML, CSS and one script (SVG plots drawn
 by hand: a charting library would have to be vendored, and three line plots do not need one). It reads only the
-public JSON API (`/sloth/status`, `/sloth/updates`, `/sloth/interactions`, `/sloth/adapters`) and calls
+public JSON API (`/sloth/status` every 2 s with `/sloth/interactions` and `/sloth/adapters`; `/sloth/updates` only
+when status shows an update started or ended) and calls
 `POST /sloth/updates` and `POST /sloth/adapters/rollback`, sending the API key the user typed into the page
 (kept in the browser's localStorage). The files hold no data, so they are served without the key.
 """

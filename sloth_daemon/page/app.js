@@ -208,15 +208,22 @@ function renderInteractions(rows) {
   }
 }
 
+// The update list (each update's measurements: tens of kB apiece on a real model) is fetched again only when an
+// update started or ended (status's `recent_updates` changed), not on every refresh.
+let updatesSeen = null, updatesData = [];
+
 async function refresh() {
   try {
-    const [status, updates, adapters, turns] = await Promise.all([
-      api("GET", "/sloth/status"), api("GET", "/sloth/updates?limit=100"), api("GET", "/sloth/adapters"),
+    const status = await api("GET", "/sloth/status");
+    const seen = JSON.stringify((status.recent_updates || []).map((u) => [u.id, u.status]));
+    const [updates, adapters, turns] = await Promise.all([
+      seen === updatesSeen ? null : api("GET", "/sloth/updates?limit=100"), api("GET", "/sloth/adapters"),
       api("GET", "/sloth/interactions?limit=20"),
     ]);
+    if (updates) [updatesData, updatesSeen] = [updates.data, seen];
     renderStatus(status);
-    renderLoss(status, updates.data);
-    renderUpdates(updates.data);
+    renderLoss(status, updatesData);
+    renderUpdates(updatesData);
     renderAdapters(adapters);
     renderInteractions(turns.data);
     document.body.dataset.loaded = String(Date.now());
