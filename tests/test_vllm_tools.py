@@ -7,6 +7,7 @@ import json
 
 from sloth_daemon.chat_template import FALLBACK_NAME, FALLBACK_TEMPLATE, ChatFormat
 from sloth_daemon.engine.base import GenerationRequest, Guide, SamplingParams
+from sloth_daemon.engine.vllm import _vllm_param
 from sloth_daemon.engine.vllm_tools import chat_body, finished_choices, parser_for, rendered_ids, server_args
 from sloth_daemon.tool_calls import HERMES, LLAMA3_JSON, ToolFormat
 
@@ -79,3 +80,12 @@ def test_vllms_answer_read_back():
     # no calls: vLLM's content is the text (already cut at the stop string by vLLM), and the engine did parse
     assert (second.index, second.text, second.tool_calls, second.content) == (1, "Sunny.", (), None)
     assert seen[0]["content"][0]["token"] == "token_id:4"
+
+
+def test_vllms_400s_name_the_field():
+    err = '{"error": {"message": "tool_choice=\\"required\\" requires --tool-call-parser to be set", ' \
+          '"type": "BadRequestError", "param": "tool_choice", "code": 400}}'
+    assert _vllm_param(err) == "tool_choice"
+    assert _vllm_param('{"error": {"message": "x", "param": "tool_choice.function.name"}}') == "tool_choice"
+    assert _vllm_param("Invalid value for stop: not a string") == "stop"  # a word, not a letter in some other word
+    assert _vllm_param('{"error": {"message": "the conversation cannot be rendered", "param": null}}') == "messages"

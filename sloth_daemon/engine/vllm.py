@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import secrets
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -457,10 +458,17 @@ def structured_outputs(guide: Guide) -> dict[str, Any]:
             {"type": "const_string", "value": guide.suffix}]}})}
 
 
+VLLM_PARAMS = ("logit_bias", "logprobs", "top_logprobs", "seed", "presence_penalty", "frequency_penalty", "n",
+               "top_p", "temperature", "response_format", "stop", "tool_choice", "tools", "parallel_tool_calls")
+
+
 def _vllm_param(detail: str) -> str:
-    """Which request field a vLLM 400 is about (its message names it), for the daemon's own 400."""
-    for name in ("logit_bias", "logprobs", "seed", "presence_penalty", "frequency_penalty", "n", "top_p",
-                 "temperature", "response_format", "stop", "tool_choice", "tools"):
-        if name in detail:
-            return name
-    return "messages"
+    """Which request field a vLLM 400 is about, for the daemon's own 400: its error's `param` when that is a request
+    field, else the first field its message names as a word; "messages" when none."""
+    try:
+        param = json.loads(detail)["error"].get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        param = None
+    if isinstance(param, str) and param.split(".")[0] in VLLM_PARAMS:
+        return param.split(".")[0]
+    return next((name for name in VLLM_PARAMS if re.search(rf"\b{name}\b", detail)), "messages")
