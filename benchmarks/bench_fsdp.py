@@ -8,9 +8,9 @@ on CPU in two gloo processes (plumbing; relative figures only).
 The model: `--model DIR` (e.g. the 8B-shaped checkpoint `benchmarks.bench_loop` saved), else built here as
 bench_loop builds it (`build_big`: Llama-3.1-8B shape, random weights, bf16) or sloth-tiny with `--tiny`.
 The job is the daemon's (`TrainJob` through `TrainerProcess`, as the updater runs it): `--steps` batches of `--batch`
-taught question/answer pairs (bench_loop's `facts`), packed, one eval set of 8 of them, bf16 base without NF4 on
-both sides (NF4 does not shard under FSDP2 yet, README "When one GPU is not enough"), kernels off on both sides (off
-under FSDP). Runs: `single` (one process, CUDA_VISIBLE_DEVICES=0) and `fsdp` (two processes,
+taught question/answer pairs (bench_loop's `facts`), packed, one eval set of 8 of them, the base quantised as
+`--quantize` says (default nf4: the QLoRA-FSDP recipe, README "When one GPU is not enough") on both sides, kernels
+off on both sides (off under FSDP). Runs: `single` (one process, CUDA_VISIBLE_DEVICES=0) and `fsdp` (two processes,
 CUDA_VISIBLE_DEVICES=0,1). Peak memory: nvidia-smi's used memory of each GPU sampled every 0.2 s during each run
 (GiB). A table and JSON (`--out`); `max_rel_loss_diff` is the largest relative difference of a step's loss.
 """
@@ -72,7 +72,7 @@ class GpuPeaks:
         return {i: round(m / 1024, 2) for i, m in sorted(self.peak.items())}
 
 
-def make_job(model: Path, out: Path, steps: int, batch: int, device: str) -> TrainJob:
+def make_job(model: Path, out: Path, steps: int, batch: int, device: str, quantize: str) -> TrainJob:
     pairs = facts(steps * batch, 0)
     examples = [TrainExample(id=f"f{i}", kind="chat", prompt=[{"role": "user", "content": q}], answer=a)
                 for i, (q, a) in enumerate(pairs)]
@@ -80,7 +80,7 @@ def make_job(model: Path, out: Path, steps: int, batch: int, device: str) -> Tra
     return TrainJob(base_model=str(model), output_dir=str(out),
                     batches=[examples[i * batch:(i + 1) * batch] for i in range(steps)],
                     eval_sets={"new": examples[:8]}, lora=LoraSpec(), learning_rate=3e-4, max_seq_len=512,
-                    quantize="none", kernels=False, device=device, seed=0, pack=True)
+                    quantize=quantize, kernels=False, device=device, seed=0, pack=True)
 
 
 def run_one(name: str, job: TrainJob, launch: Launch, run_dir: Path, timeout: float) -> dict:
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="the base on both sides")
     p.add_argument("--timeout", type=float, default=240, help="seconds per run")
     p.add_argument("--work", default=None)
     p.add_argument("--out", default=None)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
              ("fsdp", Launch(2, {} if args.tiny else {"CUDA_VISIBLE_DEVICES": "0,1"}))]
     rows = []
     for name, launch in sides:
-        job = make_job(model, work / f"adapter-{name}", args.steps, args.batch, device)
+        job = make_job(model, work / f"adapter-{name}", args.steps, args.batch, device, args.quantize)
         rows.append(run_one(name, job, launch, work / f"run-{name}", args.timeout))
         print(f"{name}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'losses'})}", flush=True)
     ok = [r for r in rows if "error" not in r]
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "tiny": args.tiny, "model": build,
+                                              "quantize": args.quantize,
                                               "max_rel_loss_diff": diff, "rows": rows}, indent=2) + "\n")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -238,8 +238,6 @@ class Updater:
 
     def _quantize(self, device: str) -> str:
         tc = self.cfg.train
-        if tc.quantize == "auto" and self._placement().processes > 1:
-            return "none"  # across devices the base is a sharded bf16 one (`trainer.fsdp`: NF4 does not shard yet)
         return ("nf4" if device.startswith("cuda") else "none") if tc.quantize == "auto" else tc.quantize
 
     def _job(self, update_id: int, staging: Path, pending: list, replay: list, anchors: list,

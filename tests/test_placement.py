@@ -101,8 +101,8 @@ def test_updater_hands_the_placement_to_the_trainer(tiny_model):
     assert not u._warm_wanted()
     t = u._trainer_for_update()
     assert isinstance(t, TrainerProcess) and t.launch == Launch(2, {})
-    u = updater(SLOTH_TRAIN_DEVICES="0,1")  # auto quantisation across GPUs: a bf16 base FSDP shards
-    assert u._device() == "cuda" and u._quantize("cuda") == "none" and u._kernels("cuda")
+    u = updater(SLOTH_TRAIN_DEVICES="0,1")  # across GPUs: NF4 and the kernels asked for as on one (FSDP decides)
+    assert u._device() == "cuda" and u._quantize("cuda") == "nf4" and u._kernels("cuda")
     # Unset: the engine's device, one process, no environment change (today's behaviour).
     u = updater(SLOTH_DEVICE="cpu", SLOTH_TRAIN_WARM="false")
     assert u._device() == "cpu" and u._trainer_for_update().launch == Launch()

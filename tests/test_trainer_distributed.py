@@ -2,8 +2,9 @@
 
 The same `TrainJob` runs through the daemon's `TrainerProcess` with one process and with `Launch(processes=2)`
 (`python -m sloth_daemon.trainer.distributed`, as the updater starts it when `train.devices` names two devices):
-the same progress events and phases, losses and eval scores within float rounding, the same adapter; a crash or a
-refused job fails the same way (`TrainerFailed`, nothing written); stopping it kills torchrun and every worker."""
+the same progress events and phases, losses and eval scores within float rounding, the same adapter, with a full-
+precision base and with bitsandbytes' NF4 one (the QLoRA-FSDP recipe); a crash fails the same way (`TrainerFailed`,
+nothing written); stopping it kills torchrun and every worker."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sloth_daemon.trainer.fsdp import NF4_REFUSED
 from sloth_daemon.trainer.job import LoraSpec, TrainExample, TrainJob
 from sloth_daemon.trainer.launch import Launch
 from sloth_daemon.trainer.process import TrainerFailed, TrainerProcess
@@ -67,23 +67,35 @@ def test_two_processes_train_like_one(tiny_model, tmp_path):
     w1 = load_file(tmp_path / "a1" / "adapter_model.safetensors")
     w2 = load_file(tmp_path / "a2" / "adapter_model.safetensors")
     assert w1.keys() == w2.keys() and len(w1) == 2 * 3 * 4  # A and B of 3 modules in 4 layers: whole, not shards
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
+    for k in w1:  # Adam turns rounding-sized differences of a near-zero gradient into lr-sized ones: a few elements
+        assert float((w2[k] - w1[k]).norm() / w1[k].norm()) < 1e-3, k
     c1, c2 = (json.loads((tmp_path / a / "adapter_config.json").read_text()) for a in ("a1", "a2"))
     assert set(c1.pop("target_modules")) == set(c2.pop("target_modules")) and c1 == c2  # peft writes a set
 
 
-@pytest.mark.parametrize("broken,needle", [("base", "no-such-model"), ("nf4", NF4_REFUSED[:60])])
-def test_a_failing_process_fails_the_update_and_writes_nothing(tiny_model, tmp_path, broken, needle):
+def test_an_nf4_base_trains_across_processes_like_in_one(tiny_model, tmp_path):
+    """The QLoRA-FSDP recipe on CPU: bitsandbytes' NF4 base, its packed 4-bit weights sharded by FSDP2: the same
+    losses as one process with the same NF4 base, and it learns (CPU: fp32 compute; bf16 on CUDA)."""
+    one, ev1 = train(job(tiny_model, tmp_path / "a1", quantize="nf4"), tmp_path / "r1", 1)
+    two, ev2 = train(job(tiny_model, tmp_path / "a2", quantize="nf4"), tmp_path / "r2", 2)
+    assert one.quantized and two.quantized and two.processes == 2
+    losses = [[e["loss"] for e in ev if e["event"] == "progress"] for ev in (ev1, ev2)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4) and len(losses[0]) == 6
+    assert two.eval["new"].candidate == pytest.approx(one.eval["new"].candidate, rel=1e-4)
+    assert two.eval["new"].candidate < 0.7 * two.eval["new"].parent  # it learns (the repacked CPU layout did not)
+    w1 = load_file(tmp_path / "a1" / "adapter_model.safetensors")
+    w2 = load_file(tmp_path / "a2" / "adapter_model.safetensors")
+    for k in w1:  # Adam turns rounding-sized differences of a near-zero gradient into lr-sized ones: a few elements
+        assert float((w2[k] - w1[k]).norm() / w1[k].norm()) < 1e-3, k
+
+
+def test_a_failing_process_fails_the_update_and_writes_nothing(tiny_model, tmp_path):
     j = job(tiny_model, tmp_path / "out", steps=2)
-    if broken == "base":
-        j.base_model = str(tmp_path / "no-such-model")
-    else:
-        j.quantize = "nf4"
+    j.base_model = str(tmp_path / "no-such-model")
     with pytest.raises(TrainerFailed, match="exited with code"):
         train(j, tmp_path / "run", 2)
     assert list((tmp_path / "out").iterdir()) == []
-    assert needle in (tmp_path / "run" / "trainer.log").read_text()
+    assert "no-such-model" in (tmp_path / "run" / "trainer.log").read_text()
 
 
 def _children(pid: int) -> set[int]:

@@ -3,10 +3,15 @@ progress events, result and adapter as the single-process recipe (`recipe.train_
 
 Contract: `run(job, emit)` in each worker torchrun started (RANK, WORLD_SIZE, LOCAL_RANK in its environment):
 - joins the process group (nccl on CUDA, each process on cuda:LOCAL_RANK of the GPUs it sees; gloo on cpu);
-- loads the base on cpu in the compute dtype (bf16 on CUDA, fp32 on cpu), attaches LoRA with the job's seed (every
-  process draws the same initial weights, as the single-process trainer does), then shards each decoder layer and
-  the whole model (`fully_shard`: parameters, gradients and optimizer state are split across the processes; a
-  device holds its shard plus the layer being computed);
+- loads the base on cpu in the compute dtype (bf16 on CUDA, fp32 on cpu), quantised to NF4 there when the job
+  says so (bitsandbytes), attaches LoRA with the job's seed (every process draws the same initial weights, as the
+  single-process trainer does), then shards each decoder layer and the whole model (`fully_shard`: parameters,
+  the packed 4-bit weights included, gradients and optimizer state are split across the processes; a device holds
+  its shard plus the layer being computed). The QLoRA-FSDP recipe: the 4-bit weights are stored in a tensor FSDP
+  can shard (bitsandbytes packs them into uint8 rows; FSDP2 all-gathers mixed dtypes as bytes), and bitsandbytes'
+  `Linear4bit` finds its quantisation state on the layer again after each all-gather
+  (`fix_4bit_weight_quant_state_from_module`); that state (absmax, code: ~1/64 of the weights) is kept whole on
+  every device;
 - trains each step on its share of the step's examples (every world-th one, `recipe.StepInputs`), with the loss
   summed over its answer tokens and divided by the whole step's count (`num_items_in_batch`, all-reduced), times
   the process count because FSDP averages gradients: the gradients are those of the single-process step, and the
@@ -15,11 +20,8 @@ Contract: `run(job, emit)` in each worker torchrun started (RANK, WORLD_SIZE, LO
 - scores the eval sets in every process (the same examples: FSDP gathers each layer for the forward) and gathers the
   LoRA weights (`DTensor.full_tensor`) for process 0, which saves the adapter;
 - prints progress, phases, logs and the result from process 0 only.
-Limits, said where they apply: an NF4 base (`quantize = "nf4"`) is refused with a clear error: bitsandbytes'
-4-bit parameters do not shard under FSDP2, and the QLoRA-FSDP recipe (4-bit storage in a dtype FSDP can shard,
-`bnb_4bit_quant_storage=bfloat16`) is built on FSDP1, which needs CUDA and is not wired here yet. The kernels
-(`sloth_kernels`) are switched off with one logged line: their patched modules are not checked under FSDP's
-parameter gathering. A process that raises exits 1; torchrun then stops the others and exits non-zero (the daemon's
+The kernels (`sloth_kernels`) are switched off with one logged line: their patched modules (the NF4 dequant and
+LoRA-fused projections read the weights themselves) are not checked under FSDP's parameter gathering. A process that raises exits 1; torchrun then stops the others and exits non-zero (the daemon's
 `TrainerFailed`); a killed torchrun takes its workers with it (`__main__.die_with_parent`).
 Sources: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`, the FSDP2 tutorial), torchrun's environment
 (`torch.distributed.run`), transformers' `num_items_in_batch` loss normalisation (gradient accumulation fix).
@@ -37,10 +39,6 @@ import torch.distributed as dist
 from ..prompting import IGNORE_INDEX
 from .job import TrainJob, TrainResult
 from .recipe import Emit, SingleProcess, StepInputs, load_base, train_on
-
-NF4_REFUSED = ("quantize = nf4 across several devices is not supported yet (bitsandbytes' 4-bit weights do not "
-               "shard under FSDP2): set train.quantize = \"none\" (a bf16 base, sharded) or train on one device")
-
 
 def decoder_layers(model: Any) -> list[Any]:
     """The model's transformer blocks: the classes its `_no_split_modules` names (transformers' own list of the
@@ -66,6 +64,12 @@ class Fsdp(SingleProcess):
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world,))
+        for m in model.modules():
+            state = getattr(m, "quant_state", None)
+            if state is not None and hasattr(state, "to"):
+                # An NF4 layer's quantisation state (absmax, code) is no parameter: FSDP does not move it. Each
+                # process keeps it whole on its device; the packed 4-bit weight is sharded like any frozen tensor.
+                state.to(self.device)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -107,8 +111,6 @@ def run(job: TrainJob, emit: Emit) -> TrainResult | None:
     out = emit if rank == 0 else (lambda event: None)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     try:
-        if job.quantize == "nf4":
-            raise RuntimeError(NF4_REFUSED)
         kernels = job.kernels
         if kernels:
             out({"event": "log", "message": "kernels: off under FSDP (not checked with sharded parameters)"})
