@@ -15,23 +15,22 @@ Contract:
   its flags are not the daemon's to know); "daemon" is always None; any other value is a vLLM parser name, used as
   given (an external server must run with it). None as well when the template renders no tools (`fmt` None).
 - `server_args(parser, chat_format)`: the flags a started vLLM needs: the parser's (with `--tool-strict-level
-  parameter`: arguments always follow the tool's schema), and `--chat-template` with the
-  template the daemon renders with when it is not the model folder's own (the config's file, or the built-in
-  fallback's text), so that vLLM's own rendering, should it ever render, is the daemon's.
+  parameter`: arguments always follow the tool's schema), and `--chat-template` with the template the daemon renders
+  with when it is not the model folder's own (the config's file, or the built-in fallback's text), so that vLLM's
+  own rendering, should it ever render, is the daemon's.
 - `chat_body(completion_body, request)`: the `/v1/chat/completions` request made from the engine's
   `/v1/completions` body (same sampling fields) for a `GenerationRequest` with `tool_choice` set: its messages as
   the client sent them, `tools`, `tool_choice` (a name becomes the named-function object), `parallel_tool_calls`,
   `logprobs` in the chat shape, token ids back, and the prompt's token ids as the daemon rendered them
   (`kv_transfer_params.prompt_token_ids`, which vLLM 0.32 takes in place of rendering the messages itself), so
-  vLLM generates from exactly the tokens training sees. A guide that only forces the call (`Guide.param == "tools"`) is
-  dropped: vLLM forces it from `tool_choice`.
+  vLLM generates from exactly the tokens training sees. A guide that only forces the call (`Guide.param ==
+  "tools"`) is dropped: vLLM forces it from `tool_choice`.
 - `finished_choices(body, request, decode, logprobs, version)` turns vLLM's answer into one `Finished` per choice:
   `tool_calls` as vLLM parsed them (`{"id": "call_…", "type": "function", "function": {"name", "arguments": JSON
-  string}}`, ids made here as the embedded engine's are),
-  `content` the text outside them (None when empty); `text` the choice's generated text (its token ids decoded and
-  cut at the first stop string, as vLLM cuts; the content when there are no calls), so what is logged is the raw
-  answer, as on the embedded engine. `rendered_ids(body)` is vLLM's prompt token ids, for the check that its
-  rendering matches the daemon's.
+  string}}`, ids made here as the embedded engine's are), `content` the text outside them (None when empty);
+  `text` the choice's generated text (its token ids decoded and cut at the first stop string, as vLLM cuts; the
+  content when there are no calls), so what is logged is the raw answer, as on the embedded engine.
+  `rendered_ids(body)` is the prompt token ids vLLM generated from, for the check that they are the daemon's.
 """
 
 from __future__ import annotations
