@@ -12,9 +12,11 @@ Contract:
   lets each row's `ChoiceStream` pick and emit. Rows whose choice ended or whose request was cancelled leave the
   batch at once (`cancelled` set: "cancelled" `Finished`, the other rows go on undisturbed); the padding no row
   needs any more is trimmed off the cache.
-- Each row is pinned to its request's adapter version: with a peft model the forward gets peft's per-row
-  `adapter_names` (mixed-batch LoRA inference: each row's LoRA delta is its own adapter's, "__base__" adds none),
-  so loading, probing or unloading another adapter between steps never changes a row's adapter.
+- Each row is pinned to its request's adapter version: when the batch's rows use different versions, the forward
+  gets peft's per-row `adapter_names` (mixed-batch LoRA inference: each row's LoRA delta is its own adapter's,
+  "__base__" adds none); when they all use one, that adapter is made active (or all adapters disabled, for the base)
+  for the forward. Either way, loading, probing or unloading another adapter between steps never changes a row's
+  adapter.
 - Errors: a failing forward fails every request in it with `EngineError` (the batch is dropped, the engine goes
   on); a failing choice (e.g. its structured-generation processor) fails that request alone.
 
@@ -28,6 +30,7 @@ what is ours is only the bookkeeping of a padded batch that rows join and leave 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import time
@@ -111,13 +114,25 @@ class BatchDecoder:
         from peft import PeftModel
 
         kwargs: dict[str, Any] = {self._cache_arg: cache}
-        if isinstance(model, PeftModel):
-            kwargs["adapter_names"] = [a if a is not None else BASE_ADAPTER for a in adapters]
-        elif any(a is not None for a in adapters):
-            raise EngineError(f"adapter {next(a for a in adapters if a is not None)} is not loaded")
         if self._keep_arg:
             kwargs["logits_to_keep"] = 1
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        uniform = len(set(adapters)) == 1
+        scope: Any = contextlib.nullcontext()
+        if isinstance(model, PeftModel):
+            if not uniform:  # peft's mixed-batch LoRA: each row its own adapter's delta
+                kwargs["adapter_names"] = [a if a is not None else BASE_ADAPTER for a in adapters]
+            elif adapters[0] is None:
+                scope = model.disable_adapter()
+            elif model.active_adapter != adapters[0]:
+                model.set_adapter(adapters[0])
+            # One adapter for every row (nearly always: rows differ only while a swap drains): peft's plain forward.
+            # The mixed-batch path indexes each LoRA layer's rows with Python lists (a host-to-device copy per
+            # layer) and hooks every module per call; on the 8B shape on an H200 that made decoding with an
+            # adapter several times slower than without (benchmarks/bench_loop.py, docs/gpu-notes.md run 19).
+        elif any(a is not None for a in adapters):
+            raise EngineError(f"adapter {next(a for a in adapters if a is not None)} is not loaded")
+        with scope:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1].float()
 
     # -- joining ----------------------------------------------------------------------------------------------------

@@ -135,6 +135,12 @@ class EmbeddedEngine:
             if eos is None:
                 eos = self._tokenizer.eos_token_id
             self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+            if self.device.type == "cuda":
+                # cuDNN's attention backend costs ~2.6 ms of host time per layer call when decoding (a new key length
+                # every step); without it PyTorch picks flash / memory-efficient attention. 16 concurrent clients on
+                # the 8B shape on an H200: 328 tokens/s against 104 with it (docs/gpu-notes.md, run 19). The trainer
+                # is another process and keeps its own choice.
+                torch.backends.cuda.enable_cudnn_sdp(False)
             if SWITCH_INTERVAL_S < sys.getswitchinterval():
                 # The worker holds the GIL between its torch calls; at the default 5 ms switch interval the event
                 # loop waits up to 5 ms each time it wants the GIL back (after every socket call), which under
