@@ -110,11 +110,15 @@ def test_redactor_keeps_the_access_record_in_shape():
 def test_children_do_not_inherit_the_key(monkeypatch):
     monkeypatch.setenv("SLOTH_API_KEY", "s3cret")
     monkeypatch.setenv("SLOTH_TESTHOOK_DIR", "/x")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     child = trainer_env(os.environ)
     assert "SLOTH_API_KEY" not in child and child["SLOTH_TESTHOOK_DIR"] == "/x"
     server = VllmServer.__new__(VllmServer)  # only its environment() is under test here
-    server.cfg = SimpleNamespace(sleep_during_updates=False)
-    assert "SLOTH_API_KEY" not in server.environment()
+    server.cfg = SimpleNamespace(sleep_during_updates=False, tensor_parallel_size=2)
+    server.device = "cuda:1"
+    env = server.environment()
+    assert "SLOTH_API_KEY" not in env and env["SLOTH_TESTHOOK_DIR"] == "/x"
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,2"  # placement still applies once the key is dropped
 
 
 def test_cors_config_parses_and_validates(tmp_path):
