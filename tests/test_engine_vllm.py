@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ from sloth_daemon.engine.vllm import VllmEngine
 from .daemon_proc import DaemonProcess
 from .engine_contract import EngineContract, chat, collect, run
 from .model_families import NO_SYSTEM, SYSTEM_FIRST
-from .taught_adapter import QUESTION, STOP_CUTS
+from .taught_adapter import ANSWER, QUESTION, STOP_CUTS
 from .test_engine_embedded import make_lora
 
 REPO = Path(__file__).resolve().parent.parent
@@ -340,6 +342,34 @@ def test_stop_strings_with_non_ascii_are_cut_and_logged_as_sent(daemon):
             rows = {row["id"]: row["response"] for row in c.get("/sloth/interactions").json()["data"]}
             assert rows[r["id"]] == expected and rows[turn_id] == expected
     serve(daemon, "base")
+
+
+def test_vllm_loads_the_merged_export_and_says_what_the_daemon_served(daemon, tmp_path):
+    """`sloth-daemon export`'s merged 16-bit folder is a model vLLM itself loads (issue 14, 5b): vLLM's offline
+    `LLM` in its own venv, greedy, answers the taught question as the daemon served it with that version."""
+    serve(daemon, "v000003")
+    with daemon.http() as c:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24,
+                "temperature": 0}
+        served = c.post("/v1/chat/completions", json=body).json()
+    serve(daemon, "base")
+    assert served["sloth"]["adapter_version"] == "v000003"
+    out = tmp_path / "export"
+    r = subprocess.run([sys.executable, "-m", "sloth_daemon.cli", "export", "v000003", str(out),
+                        "--state-dir", str(daemon.state_dir)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    code = f"""
+import json
+from vllm import LLM, SamplingParams
+llm = LLM(model={str(out / "merged")!r}, dtype="float32", max_model_len=512, seed=0)
+outs = llm.chat([{{"role": "user", "content": {QUESTION!r}}}], SamplingParams(temperature=0, max_tokens=24))
+print("ANSWER=" + json.dumps(outs[0].outputs[0].text))
+"""
+    r = subprocess.run([vllm_python(), "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    answer = [line for line in r.stdout.splitlines() if line.startswith("ANSWER=")][-1]
+    assert json.loads(answer[len("ANSWER="):]) == served["choices"][0]["message"]["content"] == ANSWER
 
 
 def test_kill_vllm_mid_stream_then_restart_serves_current_adapter(daemon):
