@@ -375,11 +375,15 @@ class Operations:
         self.daemon.metrics.observe_zmq(op, outcome, self.daemon.engine.current_adapter)
 
     def models(self) -> dict:
+        """`GET /v1/models`: the one served model, as OpenAI's list object."""
+        return {"object": "list", "data": [self.model(self.daemon.model_name)]}
+
+    def model(self, name: str) -> dict:
+        """`GET /v1/models/{model}` (OpenAI's retrieve); OpError `not_found` (`model_not_found`) for another name."""
+        self.check_model(name)
         d = self.daemon
-        return {"object": "list", "data": [
-            {"id": d.model_name, "object": "model", "created": d.started_at, "owned_by": "sloth-daemon",
-             "adapter": d.engine.current_adapter}
-        ]}
+        return {"id": d.model_name, "object": "model", "created": d.started_at, "owned_by": "sloth-daemon",
+                "adapter": d.engine.current_adapter}
 
     # -- learning signals ---------------------------------------------------------------------------------------
     async def feedback(self, body: FeedbackRequest) -> dict:

@@ -110,6 +110,17 @@ def assert_400(r: httpx.Response, param: str | None) -> dict:
 
 
 # -- sampling fields ----------------------------------------------------------------------------------------------
+def test_models_list_and_retrieve(client):
+    import openai
+
+    served = client.models.list().data
+    assert [m.id for m in served] == ["sloth-tiny"]
+    assert client.models.retrieve("sloth-tiny").id == "sloth-tiny"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("org/gpt-4o")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
 def test_every_sampling_field_through_the_openai_client(client):
     fields = dict(model=MODEL, messages=messages("Tell me about dogs"), max_tokens=8, temperature=0.9, top_p=0.95,
                   n=2, seed=11, stop=["\n\n"], presence_penalty=0.5, frequency_penalty=0.5,

@@ -1,6 +1,6 @@
 """The HTTP front end (FastAPI): OpenAI-compatible serving plus the daemon's own endpoints under `/sloth/`.
 
-OpenAI-compatible: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with SSE streaming).
+OpenAI-compatible: `GET /v1/models[/{model}]`, `POST /v1/chat/completions`, `POST /v1/completions` (both with SSE streaming).
 Daemon: `POST /sloth/feedback`, `POST /sloth/teach`, `POST /sloth/import` (datasets), `GET /sloth/status`,
 `POST /sloth/updates` (trigger), `GET /sloth/updates[/{id}]`, `GET /sloth/adapters`, `POST /sloth/adapters/rollback`,
 `GET /sloth/interactions`, `GET /sloth/examples/set-aside`, `POST /sloth/examples/requeue`, `POST /sloth/forget`,
@@ -152,6 +152,10 @@ def create_app(ops: Operations, lifespan: Any = None) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict:
         return ops.models()
+
+    @app.get("/v1/models/{model:path}")  # ids may hold a slash ("org/name"), as in OpenAI's and vLLM's routes
+    async def model(model: str) -> dict:
+        return ops.model(model)
 
     # -- generation ---------------------------------------------------------------------------------------------
     def _extra(done: TurnDone) -> dict:
