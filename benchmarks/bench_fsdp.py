@@ -3,7 +3,7 @@ losses side by side, time, throughput and peak memory per GPU. GPU by default (t
 on CPU in two gloo processes (plumbing; relative figures only).
 
     python -m benchmarks.bench_fsdp [--tiny] [--model DIR] [--layers 32] [--steps 8] [--batch 8]
-                                    [--out benchmarks/results/fsdp.json]
+                                    [--phases load,train] [--device cuda|cpu] [--out benchmarks/results/fsdp.json]
 
 The model: `--model DIR` (e.g. the 8B-shaped checkpoint `benchmarks.bench_loop` saved), else built here as
 bench_loop builds it (`build_big`: Llama-3.1-8B shape, random weights, bf16) or sloth-tiny with `--tiny`.
@@ -13,6 +13,16 @@ taught question/answer pairs (bench_loop's `facts`), packed, one eval set of 8 o
 off on both sides (off under FSDP). Runs: `single` (one process, CUDA_VISIBLE_DEVICES=0) and `fsdp` (two processes,
 CUDA_VISIBLE_DEVICES=0,1). Peak memory: nvidia-smi's used memory of each GPU sampled every 0.2 s during each run
 (GiB). A table and JSON (`--out`); `max_rel_loss_diff` is the largest relative difference of a step's loss.
+
+Phase `load` (first; issue 16: the two-process update once spent minutes quantising the base on the host) loads the
+NF4 base the way each side does, in fresh processes, and nothing else: `one process` (`recipe.load_base` on
+`--device`: the one-process trainer, quantising on its GPU on CUDA), `2 processes, before` (torchrun, each worker
+`load_base(load_on="cpu")` with torchrun's one thread: the previous code) and `2 processes, after` (torchrun, each
+worker `trainer.fsdp.load_on_host` with `distributed.worker_threads` threads: each weight quantised on its GPU, or
+on cpu split between the workers); `--load-rows` picks them. Per row: the slowest process's load seconds (from the
+start of loading to the base in host memory, imports included, process start-up not), its ratio to `one process`,
+the threads per process, peak host memory of a process (ru_maxrss, GiB), and whether the 4-bit weights and their
+quantisation state (a checksum) are those of `one process`. `--device cpu` runs it on the CPU (gloo; ratios only).
 """
 
 from __future__ import annotations
@@ -101,6 +111,122 @@ def run_one(name: str, job: TrainJob, launch: Launch, run_dir: Path, timeout: fl
             "gpu_peak_gib": gpus.peaks_gib()}
 
 
+LOAD_SIDES = {  # --load-rows key: (row name, processes, OMP_NUM_THREADS per process or None for the default)
+    "single": ("one process", 1, None),
+    "before": ("2 processes, before", 2, "1"),
+    "after": ("2 processes, after", 2, None),
+}
+
+
+def nf4_checksum(model) -> list[float]:
+    """[sum of the packed 4-bit bytes, sum of the dequantised absmax] over every NF4 weight: equal only when the
+    weights were quantised alike (bytes and state)."""
+    import torch
+    from bitsandbytes.functional import dequantize_blockwise
+    from bitsandbytes.nn import Linear4bit
+
+    packed, absmax = 0, 0.0
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            packed += int(m.weight.data.view(torch.uint8).sum(dtype=torch.int64))
+            qs = m.weight.quant_state
+            a = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+            absmax += float(a.double().sum())
+    return [float(packed), round(absmax, 3)]
+
+
+def load_worker(mode: str, model: str, device: str, out: str) -> int:
+    """One process of a `load` row (run by torchrun, or alone for `single`): load, then write its figures to
+    `out`.RANK.json."""
+    import os
+    import resource
+
+    import torch
+
+    from sloth_daemon.trainer.recipe import load_base
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    job = TrainJob(base_model=model, output_dir=str(Path(out).parent), batches=[], quantize="nf4", device=device)
+    here = torch.device(device)
+    if here.type == "cuda":
+        here = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(here)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        dist.barrier()  # both processes start loading together
+    started = time.monotonic()
+    if mode == "single":
+        base, _ = load_base(job.model_copy(update={"device": str(here)}))
+    elif mode == "before":
+        base, _ = load_base(job.model_copy(update={"device": str(here)}), load_on="cpu")
+    else:
+        from sloth_daemon.trainer.fsdp import load_on_host
+
+        base, _ = load_on_host(job.model_copy(update={"device": str(here)}), here, rank, world, lambda e: None)
+    seconds = time.monotonic() - started
+    row = {"rank": rank, "load_s": round(seconds, 3), "threads": torch.get_num_threads(),
+           "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+           "checksum": nf4_checksum(base) if rank == 0 else None}
+    Path(f"{out}.{rank}.json").write_text(json.dumps(row))
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def run_load(mode: str, model: Path, device: str, work: Path, timeout: float) -> dict:
+    """One `load` row in fresh processes (see the module docstring)."""
+    import os
+
+    from sloth_daemon.trainer.distributed import worker_threads
+
+    name, processes, threads = LOAD_SIDES[mode]
+    out = work / f"load-{mode}"
+    worker = ["-m", "benchmarks.bench_fsdp", "--load-worker", mode, str(model), device, str(out)]
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
+    elif processes > 1:
+        env["OMP_NUM_THREADS"] = str(worker_threads(processes))  # as trainer.distributed sets it
+    if processes == 1:
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *worker]
+    if device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = "0" if processes == 1 else "0,1"
+    started = time.monotonic()
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"run": name, "processes": processes, "error": f"killed at its {timeout:.0f} s limit"}
+    parts = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(processes)
+             if Path(f"{out}.{r}.json").exists()]
+    if done.returncode != 0 or len(parts) != processes:
+        return {"run": name, "processes": processes, "error": f"exit {done.returncode}",
+                "log_tail": (done.stdout + done.stderr)[-3000:]}
+    return {"run": name, "processes": processes, "wall_s": round(time.monotonic() - started, 2),
+            "load_s": max(p["load_s"] for p in parts), "threads": parts[0]["threads"],
+            "max_rss_gib": max(p["max_rss_gib"] for p in parts), "checksum": parts[0]["checksum"], "ranks": parts}
+
+
+def load_table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["run"] == "one process" and "error" not in r), None)
+    lines = ["run | processes | threads each | load s (slowest) | x one process | peak host GiB | same NF4 as one "
+             "process | error", "--- | --- | --- | --- | --- | --- | --- | ---"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['run']} | {r['processes']} | - | - | - | - | - | {r['error']}")
+            continue
+        ratio = round(r["load_s"] / base["load_s"], 2) if base else None
+        same = (r["checksum"] == base["checksum"]) if base else None
+        r["x_one_process"], r["same_nf4_as_one_process"] = ratio, same
+        lines.append(f"{r['run']} | {r['processes']} | {r['threads']} | {r['load_s']} | {ratio} | "
+                     f"{r['max_rss_gib']} | {same} | -")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     ok = [r for r in rows if "error" not in r]
     lines = []
@@ -133,7 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=240, help="seconds per run")
     p.add_argument("--work", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--phases", default="load,train", help="load (host loading only), train (the updates), or both")
+    p.add_argument("--device", default=None, help="default: cuda, cpu with --tiny")
+    p.add_argument("--load-rows", default="single,before,after",
+                   help="load rows: single (one process), before (the previous two-process load), after")
+    p.add_argument("--load-timeout", type=float, default=None, help="seconds per load row (default: --timeout)")
+    p.add_argument("--load-worker", nargs=4, default=None, help=argparse.SUPPRESS)  # one process of a load row
     args = p.parse_args(argv)
+    if args.load_worker:
+        return load_worker(*args.load_worker)
+    phases = set(args.phases.split(","))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-fsdp-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.model:
@@ -141,26 +276,35 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, build = build_tiny(work / "models") if args.tiny else build_big(work / "models", args.layers)
         build.pop("build", None)
-    device = "cpu" if args.tiny else "cuda"
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    load_rows: list[dict] = []
+    if "load" in phases:
+        for mode in args.load_rows.split(","):
+            load_rows.append(run_load(mode, model, device, work, args.load_timeout or args.timeout))
+            print(f"load {load_rows[-1]['run']}: {json.dumps({k: v for k, v in load_rows[-1].items() if k != 'ranks'})}", flush=True)
+        print("\n" + load_table(load_rows) + "\n", flush=True)
     sides = [("single", Launch(1, {} if args.tiny else {"CUDA_VISIBLE_DEVICES": "0"})),
              ("fsdp", Launch(2, {} if args.tiny else {"CUDA_VISIBLE_DEVICES": "0,1"}))]
     rows = []
-    for name, launch in sides:
+    for name, launch in (sides if "train" in phases else []):
         job = make_job(model, work / f"adapter-{name}", args.steps, args.batch, device, args.quantize)
         rows.append(run_one(name, job, launch, work / f"run-{name}", args.timeout))
         print(f"{name}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'losses'})}", flush=True)
     ok = [r for r in rows if "error" not in r]
     diff = (max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(ok[0]["losses"], ok[1]["losses"]))
             if len(ok) == 2 and ok[0]["losses"] else None)
-    print("\n" + table(rows) + f"\n\nmax relative loss difference: {diff}")
+    if rows:
+        print("\n" + table(rows) + f"\n\nmax relative loss difference: {diff}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "tiny": args.tiny, "model": build,
-                                              "quantize": args.quantize,
-                                              "max_rel_loss_diff": diff, "rows": rows}, indent=2) + "\n")
+                                              "device": device, "quantize": args.quantize,
+                                              "max_rel_loss_diff": diff, "load_rows": load_rows, "rows": rows},
+                                             indent=2) + "\n")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if len(ok) == 2 else 1
+    loaded = all("error" not in r for r in load_rows)
+    return 0 if loaded and ("train" not in phases or len(ok) == 2) else 1
 
 
 if __name__ == "__main__":

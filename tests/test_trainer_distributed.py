@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sloth_daemon.trainer.distributed import worker_threads
 from sloth_daemon.trainer.job import LoraSpec, TrainExample, TrainJob
 from sloth_daemon.trainer.launch import Launch
 from sloth_daemon.trainer.process import TrainerFailed, TrainerProcess
@@ -79,6 +81,14 @@ def test_an_nf4_base_trains_across_processes_like_in_one(tiny_model, tmp_path):
     one, ev1 = train(job(tiny_model, tmp_path / "a1", quantize="nf4"), tmp_path / "r1", 1)
     two, ev2 = train(job(tiny_model, tmp_path / "a2", quantize="nf4"), tmp_path / "r2", 2)
     assert one.quantized and two.quantized and two.processes == 2
+    # The host's quantising is split between the processes, each weight sent to the other (`fsdp_load`): a wrong
+    # byte or quantisation state would show in the losses below.
+    said = [e["message"] for e in ev2 if e["event"] == "log" and e["message"].startswith("NF4 base quantised")]
+    assert len(said) == 1 and "split over 2 processes" in said[0], said
+    here, sent = (int(w) for w in re.findall(r"(\d+) weights in process 0, (\d+) from the others", said[0])[0])
+    layers = json.loads((Path(tiny_model) / "config.json").read_text())["num_hidden_layers"]
+    n = layers * 7  # q, k, v, o, gate, up, down in each layer; the i-th quantised belongs to process i % 2
+    assert (here, sent) == ((n + 1) // 2, n // 2)
     losses = [[e["loss"] for e in ev if e["event"] == "progress"] for ev in (ev1, ev2)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4) and len(losses[0]) == 6
     assert two.eval["new"].candidate == pytest.approx(one.eval["new"].candidate, rel=1e-4)
@@ -87,6 +97,12 @@ def test_an_nf4_base_trains_across_processes_like_in_one(tiny_model, tmp_path):
     w2 = load_file(tmp_path / "a2" / "adapter_model.safetensors")
     for k in w1:  # Adam turns rounding-sized differences of a near-zero gradient into lr-sized ones: a few elements
         assert float((w2[k] - w1[k]).norm() / w1[k].norm()) < 1e-3, k
+
+
+def test_workers_share_the_cores():
+    """torchrun alone gives each worker one thread (the 8B base then took minutes to load on a 16-core host)."""
+    assert worker_threads(2, cores=16) == 8 and worker_threads(3, cores=16) == 5
+    assert worker_threads(2, cores=2) == worker_threads(4, cores=2) == 1
 
 
 def test_a_failing_process_fails_the_update_and_writes_nothing(tiny_model, tmp_path):

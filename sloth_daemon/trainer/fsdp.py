@@ -3,12 +3,13 @@ progress events, result and adapter as the single-process recipe (`recipe.train_
 
 Contract: `run(job, emit)` in each worker torchrun started (RANK, WORLD_SIZE, LOCAL_RANK in its environment):
 - joins the process group (nccl on CUDA, each process on cuda:LOCAL_RANK of the GPUs it sees; gloo on cpu);
-- loads the base on cpu in the compute dtype (bf16 on CUDA, fp32 on cpu), quantised to NF4 there when the job
-  says so (bitsandbytes), attaches LoRA with the job's seed (every process draws the same initial weights, as the
-  single-process trainer does), then shards each decoder layer and the whole model (`fully_shard`: parameters,
+- loads the base into host memory in the compute dtype (bf16 on CUDA, fp32 on cpu), quantised to NF4 when the job
+  says so (bitsandbytes; each weight on this process's GPU, or on cpu split between the processes:
+  `fsdp_load.HostQuantisation`), attaches LoRA with the job's seed (every process draws the same initial weights, as
+  the single-process trainer does), then shards each decoder layer and the whole model (`fully_shard`: parameters,
   the packed 4-bit weights included, gradients and optimizer state are split across the processes; a device holds
-  its shard plus the layer being computed). The QLoRA-FSDP recipe: the 4-bit weights are stored in a tensor FSDP
-  can shard (bitsandbytes packs them into uint8 rows; FSDP2 all-gathers mixed dtypes as bytes), and bitsandbytes'
+  its shard plus the layer being computed). The QLoRA-FSDP recipe: the 4-bit weights are stored in a tensor FSDP can
+  shard (bitsandbytes packs them into uint8 rows; FSDP2 all-gathers mixed dtypes as bytes), and bitsandbytes'
   `Linear4bit` finds its quantisation state on the layer again after each all-gather
   (`fix_4bit_weight_quant_state_from_module`); that state (absmax, code: ~1/64 of the weights) is kept whole on
   every device;
@@ -38,6 +39,7 @@ import torch.distributed as dist
 
 from ..prompting import IGNORE_INDEX
 from .job import TrainJob, TrainResult
+from .fsdp_load import HostQuantisation
 from .recipe import Emit, SingleProcess, StepInputs, load_base, train_on
 
 def decoder_layers(model: Any) -> list[Any]:
@@ -98,6 +100,20 @@ class Fsdp(SingleProcess):
         dist.barrier()
 
 
+def load_on_host(job: TrainJob, device: torch.device, rank: int, world: int, emit: Emit) -> tuple[Any, Any]:
+    """The base and tokenizer in this process's host memory (`load_base(load_on="cpu")`), an NF4 base quantised on
+    this process's GPU, or on cpu split between the processes (`fsdp_load.HostQuantisation`); logs how."""
+    if job.quantize != "nf4":
+        return load_base(job, load_on="cpu")
+    with HostQuantisation(device, rank, world) as quantisation:
+        base, tokenizer = load_base(job, load_on="cpu")
+    quantisation.share(base)
+    where = f"on {device}" if device.type == "cuda" else f"on the host, split over {world} processes"
+    emit({"event": "log", "message": f"NF4 base quantised {where}: {quantisation.quantised} weights in process 0, "
+                                     f"{quantisation.received} from the others"})
+    return base, tokenizer
+
+
 def run(job: TrainJob, emit: Emit) -> TrainResult | None:
     """This process's part of a distributed update; the result on process 0, None on the others."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -116,7 +132,7 @@ def run(job: TrainJob, emit: Emit) -> TrainResult | None:
             out({"event": "log", "message": "kernels: off under FSDP (not checked with sharded parameters)"})
         job = job.model_copy(update={"device": str(device), "kernels": False, "offload": False})
         started = time.monotonic()
-        base, tokenizer = load_base(job, load_on="cpu")
+        base, tokenizer = load_on_host(job, device, rank, world, out)
         phases = {"load": round(time.monotonic() - started, 4)}
         out({"event": "phase", "phase": "load", "time": time.time()})
         result, _ = train_on(base, tokenizer, job, out, phases=phases, strategy=Fsdp(rank, world, device))
