@@ -158,6 +158,15 @@ class AnchorConfig(_Section):
     max_tokens: int = Field(96, ge=1)
 
 
+class EmbeddedConfig(_Section):
+    """The embedded engine (`engine = "embedded"`): transformers + peft in the daemon's process."""
+
+    quantization: Literal["none", "nf4"] = Field(
+        "none", description="none: serve the checkpoint's weights (bf16 on CUDA, fp32 on CPU); nf4: serve from "
+        "bitsandbytes' 4-bit NF4 base (the trainer's quantisation; adapters hot-swap on it as before)"
+    )
+
+
 class VllmConfig(_Section):
     """The vLLM engine (`engine = "vllm"`): the server the daemon starts and supervises, or an existing one."""
 
@@ -260,6 +269,7 @@ class DaemonConfig(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     generation: GenerationConfig = GenerationConfig()
     anchors: AnchorConfig = AnchorConfig()
+    embedded: EmbeddedConfig = EmbeddedConfig()
     limits: LimitsConfig = LimitsConfig()
     vllm: VllmConfig = VllmConfig()
     retention: RetentionConfig = RetentionConfig()

@@ -80,7 +80,8 @@ def make_engine(cfg: DaemonConfig, model_path: Path, model_name: str) -> Engine:
     if cfg.engine == "embedded":
         from .engine.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(model_path, model_name=model_name, device=cfg.device, chat_template=cfg.chat_template)
+        return EmbeddedEngine(model_path, model_name=model_name, device=cfg.device, chat_template=cfg.chat_template,
+                              quantization=cfg.embedded.quantization)
     if cfg.engine == "vllm":
         from .engine.vllm import VllmEngine
 

@@ -30,13 +30,15 @@ STOP_CUTS = [
 TAUGHT = [TrainExample(id="zurich", kind="chat", prompt=[{"role": "user", "content": QUESTION}], answer=ANSWER)]
 
 
-def train_taught_adapter(model: Path, out: Path, *, steps: int = 16, timeout_s: float = 600) -> Path:
-    """Train `TAUGHT` into a fresh LoRA on `model`; returns the adapter folder `out`."""
+def train_taught_adapter(model: Path, out: Path, *, steps: int = 16, timeout_s: float = 600,
+                         quantize: str = "none") -> Path:
+    """Train `TAUGHT` into a fresh LoRA on `model` (on its NF4 base with `quantize="nf4"`, as the trainer's GPU
+    default does); returns the adapter folder `out`."""
     out.mkdir(parents=True, exist_ok=True)
     job = TrainJob(base_model=str(model), output_dir=str(out), batches=[TAUGHT * 2] * steps,
                    eval_sets={"new": TAUGHT},
                    lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
-                   learning_rate=3e-3, max_seq_len=128, device="cpu", seed=0)
+                   learning_rate=3e-3, max_seq_len=128, device="cpu", seed=0, quantize=quantize)
     result = asyncio.run(TrainerProcess().run(job, out.parent / f"{out.name}-run", lambda _ev: None, timeout_s))
     assert result.eval["new"].candidate < 0.05, result
     return out

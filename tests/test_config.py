@@ -15,6 +15,8 @@ def test_precedence(tmp_path):
     assert cfg.train.learning_rate == 0.01  # file over default
     assert cfg.host == "127.0.0.2"
     assert cfg.model is None and cfg.train.batch_size == 8  # defaults
+    assert cfg.embedded.quantization == "none"
+    assert load_config(env={"SLOTH_EMBEDDED_QUANTIZATION": "nf4"}).embedded.quantization == "nf4"
 
 
 def test_env_parsing_and_state_dir(tmp_path):
@@ -38,6 +40,7 @@ def test_config_file_from_env(tmp_path):
     ({"SLOTH_PORT": "70000"}, "port"),
     ({"SLOTH_MIX_NEW": "0", "SLOTH_MIX_REPLAY": "0", "SLOTH_MIX_ANCHOR": "0"}, "mix"),
     ({"SLOTH_ENGINE": "tgi"}, "engine"),
+    ({"SLOTH_EMBEDDED_QUANTIZATION": "int8"}, "embedded.quantization"),
 ])
 def test_errors_name_the_key(env, needle):
     with pytest.raises(ConfigError) as e:

@@ -12,6 +12,9 @@ Contract: see `sloth_daemon.engine.base`. How it keeps it:
   counted by the requests pinned to them; the old one is unloaded only when its count drops to zero.
 - Tokens stream from the worker to the caller's event loop through an asyncio queue (handed over once per decoding
   step for all of a loop's requests); a caller that stops listening cancels its request, which leaves the batch at the next step without disturbing the others.
+- The base is the checkpoint's weights (bf16 on CUDA, fp32 on CPU) or, with `quantization="nf4"`, bitsandbytes'
+  4-bit NF4 copy (`sloth_daemon.nf4`, the config the trainer quantises with: ~4.1 bits per linear weight instead of 16);
+  adapters then load onto peft's LoRA layers for bitsandbytes' `Linear4bit`, with the same per-row pinning.
 - Everything that picks the next token is transformers' own logits processors, built once per choice in
   `sampling.ChoiceSampler`; a choice's text, stop strings and logprobs are `choice.ChoiceStream`'s. The `n` choices
   of a request decode side by side as rows of the batch and share its seeded generator.
@@ -33,6 +36,7 @@ from typing import Any, AsyncIterator, Callable
 import torch
 
 from ..chat_template import ChatFormat, load_tokenizer
+from ..nf4 import device_map, keep_plain_layout, nf4_config
 from ..prompting import encode, render_prompt
 from .base import (
     AdapterLoadError,
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 
 PROBE_PROMPT = "The quick brown fox"
 SMALL_MODEL_PARAMS = 50_000_000
+QUANTIZATIONS = ("none", "nf4")  # how the base is held: as the checkpoint (bf16 on CUDA, fp32 on CPU), or NF4
 SWITCH_INTERVAL_S = 0.0005  # the interpreter's GIL switch interval while the engine runs (see `start`)
 
 
@@ -96,8 +101,11 @@ class EmbeddedEngine:
     name = "embedded"
 
     def __init__(self, model_path: str | Path, *, model_name: str, device: str = "auto",
-                 chat_template: str | None = None, max_batch_rows: int = 32):
+                 chat_template: str | None = None, max_batch_rows: int = 32, quantization: str = "none"):
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
         self.model_path = Path(model_path)
+        self.quantization = quantization  # "nf4": the base served from bitsandbytes' 4-bit NF4 (`sloth_daemon.nf4`)
         self.model_name = model_name
         self.chat_template = chat_template  # the config's Jinja file, if any (`sloth_daemon.chat_template`)
         self.chat_format: ChatFormat | None = None
@@ -125,7 +133,14 @@ class EmbeddedEngine:
         def load():
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self._tokenizer, self.chat_format = load_tokenizer(self.model_path, self.chat_template)
-            self._model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
+            if self.quantization == "nf4":
+                # Placed while loading (a 4-bit model is not moved afterwards). On CPU without bitsandbytes' bf16
+                # repack (`nf4.keep_plain_layout`): fp32 compute, the numerics the trainer's gate judged.
+                self._model = keep_plain_layout(AutoModelForCausalLM.from_pretrained(
+                    self.model_path, dtype=dtype, quantization_config=nf4_config(dtype),
+                    device_map=device_map(self.device))).eval()
+            else:
+                self._model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
             cfg = self._model.config
             self.max_model_len = getattr(cfg, "max_position_embeddings", None) or 2048
             self.vocab_size = int(self._model.get_output_embeddings().weight.shape[0])

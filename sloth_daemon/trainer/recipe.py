@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..chat_template import apply_chat_format
+from ..nf4 import keep_plain_layout
 from ..prompting import IGNORE_INDEX, ChatTemplateError, check_example, encode_example
 from .job import EvalScores, TrainExample, TrainJob, TrainResult
 from .packing import pack
@@ -40,24 +41,12 @@ def load_base(job: TrainJob, *, load_on: str | None = None) -> tuple[Any, Any]:
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs: dict[str, Any] = {"dtype": compute_dtype}
     if job.quantize == "nf4":
-        from transformers import BitsAndBytesConfig
+        from ..nf4 import device_map, nf4_config
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-        on_gpu = device.type == "cuda" and load_on != "cpu"
-        kwargs["device_map"] = {"": device.index or 0} if on_gpu else {"": "cpu"}
+        kwargs["quantization_config"] = nf4_config(compute_dtype)
+        kwargs["device_map"] = device_map(device if load_on != "cpu" else torch.device("cpu"))
     model = AutoModelForCausalLM.from_pretrained(job.base_model, **kwargs)
-    for m in model.modules():
-        if getattr(m, "support_avx512bf16_for_cpu", False):
-            # bitsandbytes' CPU inference path repacks an NF4 weight in place (eval under no_grad, e.g. the gate's
-            # scoring) and marks the layer's quant state; training on the repacked weight then learns far slower
-            # (sloth-tiny: loss 7.4 -> 6.5 in 6 steps instead of -> 2.5), and FSDP's next all-gather brings the
-            # original layout back under that mark. The training recipe keeps the plain layout.
-            m.support_avx512bf16_for_cpu = False
+    keep_plain_layout(model)  # bitsandbytes' CPU repack: training on it learnt far slower (`nf4.keep_plain_layout`)
     if job.quantize != "nf4":
         model.to(torch.device(load_on) if load_on else device)
     for p in model.parameters():
