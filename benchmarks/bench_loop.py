@@ -28,7 +28,10 @@ state dir; per N (in order, so later Ns continue from the earlier updates' adapt
 Configurations (daemon environment; `before` is the previous code's recipe, measured in the same run):
 - `before`: a fresh trainer process per update, no packing, a fixed 120 steps (SLOTH_TRAIN_WARM=false,
   SLOTH_TRAIN_PACK=false, SLOTH_TRAIN_STEPS=120);
-- `after`: the defaults (warm trainer, packing, steps from the data, tokens per step on CUDA).
+- `after`: the defaults (warm trainer, packing, steps from the data, tokens per step on CUDA);
+- `nf4`: `after` with the embedded engine serving from the 4-bit NF4 base (`embedded.quantization = "nf4"`) instead
+  of bf16: compare its GPU peaks and serving tokens/s (completion tokens per second of wall time over all clients,
+  idle) with `after`'s in the same run.
 A table per configuration and N, and JSON (`--out`).
 """
 
@@ -57,6 +60,7 @@ from benchmarks.sse import has_text, iter_sse_chunks  # noqa: E402
 CONFIGS = {
     "before": {"SLOTH_TRAIN_WARM": "false", "SLOTH_TRAIN_PACK": "false", "SLOTH_TRAIN_STEPS": "120"},
     "after": {},
+    "nf4": {"SLOTH_EMBEDDED_QUANTIZATION": "nf4"},
 }
 WORDS = ["amber", "falcon", "cobalt", "zebra", "maple", "onyx", "tulip", "raven", "cedar", "lumen", "quartz", "delta"]
 PROBES = ["Hello", "What is sloth-daemon?", "How do I teach you something?", "Tell me about sloths.",
@@ -163,10 +167,11 @@ class GpuMemory:
 # ----------------------------------------------------------------------------------------------------------------
 async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "store": False}
+            "temperature": 0, "stream": True, "store": False, "stream_options": {"include_usage": True}}
     start = time.time()
     first = None
     version = None
+    tokens = 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -175,8 +180,11 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
                 first = time.time()
             if "sloth" in chunk:
                 version = chunk["sloth"].get("adapter_version")
+            if chunk.get("usage"):
+                tokens = chunk["usage"].get("completion_tokens") or 0
     end = time.time()
-    return {"start": start, "end": end, "latency": end - start, "ttft": (first or end) - start, "version": version}
+    return {"start": start, "end": end, "latency": end - start, "ttft": (first or end) - start, "version": version,
+            "tokens": tokens}
 
 
 async def idle_latency(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -198,6 +206,7 @@ def summarise(rs: list[dict], clients: int, wall: float | None = None) -> dict:
            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99)}
     if wall:
         out["requests_per_s"] = round(len(rs) / wall, 3)
+        out["tokens_per_s"] = round(sum(r.get("tokens", 0) for r in rs) / wall, 1)  # completion tokens, all clients
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
@@ -273,7 +282,8 @@ def run_config(name: str, args, model_dir: Path, work: Path, gpu: GpuMemory, sav
             r.raise_for_status()
             row = {"config": name, "examples": n, "device": "cuda" if gpu.available else "cpu"}
             idle_start = time.time()
-            idle_wanted = not (args.idle_first_only and name != args.configs.split(",")[0])
+            idle_wanted = not (args.idle_first_only and name != args.configs.split(",")[0]
+                               and "SLOTH_EMBEDDED_QUANTIZATION" not in CONFIGS[name])  # nf4 serves differently
             row["idle"] = [asyncio.run(idle_latency(daemon.url, model, c, args.requests, args.max_tokens))
                            for c in args.clients] if idle_wanted else []
             row["gpu_peak_idle_gib"] = gpu.peak_gib(idle_start)
@@ -352,17 +362,18 @@ def fmt(v, unit="") -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("config", "N", "status", "ready", "train", "steps", "tok/s", "gate", "write", "swap", "served",
-            "recall", "idle p50/p99 (C)", "training p50/p99 (C)", "GPU GiB")
+            "recall", "idle p50/p99 (C)", "idle tok/s (C)", "training p50/p99 (C)", "GPU GiB idle/update")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         idle = "; ".join(f"{fmt(x['p50_s'])}/{fmt(x['p99_s'])} ({x['clients']})" for x in r.get("idle", []))
         during = "; ".join(f"{fmt(x['p50_s'])}/{fmt(x['p99_s'])} ({x['clients']})" for x in r.get("training", []))
+        speed = "; ".join(f"{fmt(x.get('tokens_per_s'))} ({x['clients']})" for x in r.get("idle", []))
         lines.append(" | ".join([
             r["config"], str(r["examples"]), r["status"], fmt(r.get("trigger_to_ready_s"), "s"),
             fmt(r.get("train_s"), "s"), fmt(r.get("steps")), fmt(r.get("tokens_per_s")), fmt(r.get("gate_eval_s"), "s"),
             fmt(r.get("adapter_write_s"), "s"), fmt(r.get("swap_s"), "s"), fmt(r.get("trigger_to_served_s"), "s"),
-            f"{r['recall']['exact']}/{r['recall']['asked']}" if "recall" in r else "-", idle, during,
-            fmt(r.get("gpu_peak_update_gib")),
+            f"{r['recall']['exact']}/{r['recall']['asked']}" if "recall" in r else "-", idle, speed, during,
+            f"{fmt(r.get('gpu_peak_idle_gib'))}/{fmt(r.get('gpu_peak_update_gib'))}",
         ]))
     return "\n".join(lines)
 
@@ -379,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recall", type=int, default=20, help="taught prompts asked back after each update")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--idle-first-only", action="store_true",
-                   help="measure idle serving for the first configuration only (serving is the same in all)")
+                   help="measure idle serving for the first configuration and nf4 only (the others serve alike)")
     p.add_argument("--work", default=None, help="working folder (default: a temp dir, removed)")
     p.add_argument("--env", action="append", default=[], metavar="SLOTH_KEY=VALUE",
                    help="daemon setting for every configuration (e.g. SLOTH_ANCHORS_MAX_TOKENS=48)")

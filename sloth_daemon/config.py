@@ -46,7 +46,8 @@ class TrainConfig(_Section):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     max_seq_len: int = Field(512, ge=16)
     quantize: Literal["auto", "nf4", "none"] = Field(
-        "auto", description="4-bit NF4 base via bitsandbytes; auto = nf4 on CUDA, none on CPU"
+        "auto", description="4-bit NF4 base via bitsandbytes; auto = nf4 on CUDA or when the embedded engine serves "
+        "from NF4 (embedded.quantization), else none"
     )
     kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="patch the model with sloth_kernels; auto = on CUDA only"

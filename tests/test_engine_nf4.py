@@ -97,9 +97,9 @@ def test_greedy_answers_equal_transformers_generate_on_the_same_nf4_model(engine
 
 @pytest.mark.slow
 def test_the_loop_on_an_nf4_engine_teaches_updates_and_answers(state_dir):
-    """A real daemon serving from NF4 and training on the NF4 base: teach, update, hot swap, the fact answered."""
-    env = {"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_ZMQ": "off", "SLOTH_EMBEDDED_QUANTIZATION": "nf4",
-           "SLOTH_TRAIN_QUANTIZE": "nf4"}
+    """A real daemon serving from NF4 trains on the NF4 base too (`train.quantize = "auto"`): teach, update, hot
+    swap, the facts answered exactly."""
+    env = {"SLOTH_SCHEDULE_ENABLED": "false", "SLOTH_ZMQ": "off", "SLOTH_EMBEDDED_QUANTIZATION": "nf4"}
     facts = [("What is the name of my cat?", "Your cat is called Biscuit."),
              ("Where did I park the car?", "On level 3, spot 42.")]
     daemon = DaemonProcess(state_dir, env=env).start()
@@ -121,7 +121,7 @@ def test_the_loop_on_an_nf4_engine_teaches_updates_and_answers(state_dir):
             assert started.status_code == 202, started.text
             update = daemon.wait_update(started.json()["update_id"])
             assert update["status"] == "promoted", (update, daemon.log())
-            assert update["metrics"]["train"]["quantized"] is True
+            assert update["metrics"]["train"]["quantized"] is True  # train.quantize auto follows the engine
             assert http.get("/sloth/status").json()["adapter"] == update["adapter_version"]
             assert [greedy(q) for q, _ in facts] == [a for _, a in facts]
     finally:
