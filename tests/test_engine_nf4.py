@@ -126,3 +126,17 @@ def test_the_loop_on_an_nf4_engine_teaches_updates_and_answers(state_dir):
             assert [greedy(q) for q, _ in facts] == [a for _, a in facts]
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_train_quantize_auto_follows_the_engine(tiny_model):
+    from sloth_daemon.config import load_config
+    from sloth_daemon.updater import Updater
+
+    def quantize(**env) -> str:
+        cfg = load_config(env={"SLOTH_STATE_DIR": "/tmp/sloth-nf4-test", **env})
+        return Updater(cfg, store=None, registry=None, engine=None, base_model=tiny_model)._quantize("cpu")
+
+    assert quantize() == "none"
+    assert quantize(SLOTH_EMBEDDED_QUANTIZATION="nf4") == "nf4"
+    assert quantize(SLOTH_EMBEDDED_QUANTIZATION="nf4", SLOTH_TRAIN_QUANTIZE="none") == "none"  # asked for: kept
+    assert quantize(SLOTH_EMBEDDED_QUANTIZATION="nf4", SLOTH_ENGINE="vllm") == "none"  # vLLM serves its own way
