@@ -21,8 +21,11 @@ NF4 base the way each side does, in fresh processes, and nothing else: `one proc
 worker `trainer.fsdp.load_on_host` with `distributed.worker_threads` threads: each weight quantised on its GPU, or
 on cpu split between the workers); `--load-rows` picks them. Per row: the slowest process's load seconds (from the
 start of loading to the base in host memory, imports included, process start-up not), its ratio to `one process`,
-the threads per process, peak host memory of a process (ru_maxrss, GiB), and whether the 4-bit weights and their
-quantisation state (a checksum) are those of `one process`. `--device cpu` runs it on the CPU (gloo; ratios only).
+the threads per process, peak host memory of a process (ru_maxrss, GiB), and whether the 4-bit weights (sum of the
+bytes) and their quantisation state (sha256) are those of `one process` ("yes/yes"). On cpu the state depends on the
+thread count (bitsandbytes' double quantisation subtracts the mean absmax, summed in a thread-dependent order: one
+ulp), so rows with other thread counts than `one process` show "yes/no". `--device cpu` runs it on the CPU (gloo;
+ratios only).
 """
 
 from __future__ import annotations
@@ -118,21 +121,22 @@ LOAD_SIDES = {  # --load-rows key: (row name, processes, OMP_NUM_THREADS per pro
 }
 
 
-def nf4_checksum(model) -> list[float]:
-    """[sum of the packed 4-bit bytes, sum of the dequantised absmax] over every NF4 weight: equal only when the
-    weights were quantised alike (bytes and state)."""
+def nf4_checksum(model) -> list:
+    """[sum of the packed 4-bit bytes, sha256 of every quantisation state's tensors] over the NF4 weights: equal
+    only when the weights were quantised alike (bytes and state)."""
+    import hashlib
+
     import torch
-    from bitsandbytes.functional import dequantize_blockwise
     from bitsandbytes.nn import Linear4bit
 
-    packed, absmax = 0, 0.0
+    packed, states = 0, hashlib.sha256()
     for m in model.modules():
         if isinstance(m, Linear4bit):
             packed += int(m.weight.data.view(torch.uint8).sum(dtype=torch.int64))
             qs = m.weight.quant_state
-            a = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
-            absmax += float(a.double().sum())
-    return [float(packed), round(absmax, 3)]
+            for t in (qs.absmax, qs.offset, qs.state2.absmax) if qs.nested else (qs.absmax,):
+                states.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return [packed, states.hexdigest()[:16]]
 
 
 def load_worker(mode: str, model: str, device: str, out: str) -> int:
@@ -213,17 +217,18 @@ def run_load(mode: str, model: Path, device: str, work: Path, timeout: float) ->
 
 def load_table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["run"] == "one process" and "error" not in r), None)
-    lines = ["run | processes | threads each | load s (slowest) | x one process | peak host GiB | same NF4 as one "
-             "process | error", "--- | --- | --- | --- | --- | --- | --- | ---"]
+    lines = ["run | processes | threads each | load s (slowest) | x one process | peak host GiB | same 4-bit bytes/"
+             "state as one process | error", "--- | --- | --- | --- | --- | --- | --- | ---"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['run']} | {r['processes']} | - | - | - | - | - | {r['error']}")
             continue
         ratio = round(r["load_s"] / base["load_s"], 2) if base else None
-        same = (r["checksum"] == base["checksum"]) if base else None
+        same = [a == b for a, b in zip(r["checksum"], base["checksum"])] if base else None
         r["x_one_process"], r["same_nf4_as_one_process"] = ratio, same
+        shown = "/".join("yes" if x else "no" for x in same) if same else "-"
         lines.append(f"{r['run']} | {r['processes']} | {r['threads']} | {r['load_s']} | {ratio} | "
-                     f"{r['max_rss_gib']} | {same} | -")
+                     f"{r['max_rss_gib']} | {shown} | -")
     return "\n".join(lines)
 
 
@@ -278,29 +283,38 @@ def main(argv: list[str] | None = None) -> int:
         build.pop("build", None)
     device = args.device or ("cpu" if args.tiny else "cuda")
     load_rows: list[dict] = []
+    rows: list[dict] = []
+    diff = None
+
+    def save() -> None:  # after every row: a run cut by an outer limit still leaves what it measured
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "tiny": args.tiny, "model": build,
+                                                  "device": device, "quantize": args.quantize,
+                                                  "max_rel_loss_diff": diff, "load_rows": load_rows, "rows": rows},
+                                                 indent=2) + "\n")
+
     if "load" in phases:
         for mode in args.load_rows.split(","):
             load_rows.append(run_load(mode, model, device, work, args.load_timeout or args.timeout))
-            print(f"load {load_rows[-1]['run']}: {json.dumps({k: v for k, v in load_rows[-1].items() if k != 'ranks'})}", flush=True)
+            shown = {k: v for k, v in load_rows[-1].items() if k != "ranks"}
+            print(f"load {shown['run']}: {json.dumps(shown)}", flush=True)
+            save()
         print("\n" + load_table(load_rows) + "\n", flush=True)
+        save()
     sides = [("single", Launch(1, {} if args.tiny else {"CUDA_VISIBLE_DEVICES": "0"})),
              ("fsdp", Launch(2, {} if args.tiny else {"CUDA_VISIBLE_DEVICES": "0,1"}))]
-    rows = []
     for name, launch in (sides if "train" in phases else []):
         job = make_job(model, work / f"adapter-{name}", args.steps, args.batch, device, args.quantize)
         rows.append(run_one(name, job, launch, work / f"run-{name}", args.timeout))
         print(f"{name}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'losses'})}", flush=True)
+        save()
     ok = [r for r in rows if "error" not in r]
     diff = (max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(ok[0]["losses"], ok[1]["losses"]))
             if len(ok) == 2 and ok[0]["losses"] else None)
     if rows:
         print("\n" + table(rows) + f"\n\nmax relative loss difference: {diff}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "tiny": args.tiny, "model": build,
-                                              "device": device, "quantize": args.quantize,
-                                              "max_rel_loss_diff": diff, "load_rows": load_rows, "rows": rows},
-                                             indent=2) + "\n")
+    save()
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     loaded = all("error" not in r for r in load_rows)
