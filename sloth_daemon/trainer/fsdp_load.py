@@ -20,7 +20,8 @@ Contract: `with HostQuantisation(device, rank, world) as q: model = load_base(..
 process (a no-op on CUDA and with one process; a collective otherwise: every process must call it). `q.quantised`
 counts the weights this process quantised, `q.received` those it got from others. The order in which transformers
 quantises is the checkpoint's, the same in every process; ownership is recorded per module during the load and
-`share` walks the modules in the model's order, so no collective runs inside transformers' loader.
+`share` walks the modules in the model's order, so no collective runs inside transformers' loader (`share` first
+checks that every process recorded the same owners, and raises RuntimeError if not).
 Sources: bitsandbytes `Params4bit` / `QuantState` (bitsandbytes 0.50), the QLoRA-FSDP recipe (Answer.AI's
 fsdp_qlora quantises each layer on the GPU and keeps it on the host: "low_memory" loading).
 """
@@ -53,9 +54,10 @@ class HostQuantisation:
         def _quantize(param, device):
             if device.type != "cpu":  # not a host load (e.g. a warm trainer in this process): as bitsandbytes does
                 return original(param, device)
-            owner = me._calls % me.world if me.split else me.rank
-            me._calls += 1
-            if param.module is not None:
+            owner = me.rank
+            if me.split and param.module is not None:  # (a weight without its module is quantised everywhere)
+                owner = me._calls % me.world
+                me._calls += 1
                 owner_of[id(param.module)] = owner
             if owner != me.rank:  # another process quantises it; `share` fills it in
                 param.data = torch.empty(0, dtype=param.quant_storage)
@@ -85,10 +87,14 @@ class HostQuantisation:
             return
         from bitsandbytes.functional import QuantState
 
-        for module in model.modules():
-            owner = self._owner.get(id(module))
-            if owner is None:
-                continue
+        modules = [m for m in model.modules() if id(m) in self._owner]
+        owners = [self._owner[id(m)] for m in modules]
+        everyone: list = [None] * self.world
+        dist.all_gather_object(everyone, owners)
+        if any(o != owners for o in everyone):  # the loader quantised in another order somewhere: fail, not hang
+            raise RuntimeError(f"the processes split the NF4 weights differently ({[len(o) for o in everyone]} "
+                               "weights); transformers must quantise in the checkpoint's order in every process")
+        for module, owner in zip(modules, owners):
             weight = module.weight
             header = [(tuple(weight.data.shape), weight.data.dtype, weight.quant_state.as_dict())
                       if owner == self.rank else None]
