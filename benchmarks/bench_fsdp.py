@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -201,10 +203,21 @@ def run_load(mode: str, model: Path, device: str, work: Path, timeout: float) ->
     if device.startswith("cuda"):
         env["CUDA_VISIBLE_DEVICES"] = "0" if processes == 1 else "0,1"
     started = time.monotonic()
+    # A row cut at its limit must take torchrun's workers with it (they would load on beside the next row, and hold
+    # its output open): SIGTERM makes torchrun stop them; then everything left in the session is killed.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         return {"run": name, "processes": processes, "error": f"killed at its {timeout:.0f} s limit"}
+    done = subprocess.CompletedProcess(cmd, proc.returncode, log, "")
     parts = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(processes)
              if Path(f"{out}.{r}.json").exists()]
     if done.returncode != 0 or len(parts) != processes:
