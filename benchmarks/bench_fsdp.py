@@ -113,7 +113,8 @@ def run_one(name: str, job: TrainJob, launch: Launch, run_dir: Path, timeout: fl
             "phases": result.phases, "steps": result.steps, "tokens": result.tokens,
             "tokens_per_s": round(result.tokens / train_s, 1) if train_s else None, "losses": losses,
             "eval_new": {"parent": result.eval["new"].parent, "candidate": result.eval["new"].candidate},
-            "gpu_peak_gib": gpus.peaks_gib()}
+            "gpu_peak_gib": gpus.peaks_gib(),
+            "logs": [e["message"] for e in events if e.get("event") == "log"][:10]}  # where the NF4 base was quantised
 
 
 LOAD_SIDES = {  # --load-rows key: (row name, processes, OMP_NUM_THREADS per process or None for the default)
