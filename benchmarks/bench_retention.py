@@ -136,13 +136,12 @@ class Scorer:
         return out
 
     def score(self, pairs: list[tuple[str, str]], kl: bool = False) -> list[Any]:
-        from sloth_daemon.trainer.recipe import collate
         from sloth_daemon.trainer.scoring import score_examples
 
         if not pairs:
             return []
-        return score_examples(self.model, self.tokenizer, [_ex(q, a) for q, a in pairs], collate, self.max_len,
-                              self.device, kl_to_base=kl and hasattr(self.model, "disable_adapter"), batch_size=16)
+        return score_examples(self.model, self.tokenizer, [_ex(q, a) for q, a in pairs], self.max_len,
+                              self.device, kl_to_base=kl and hasattr(self.model, "disable_adapter"))
 
 
 def _share(xs: list[bool]) -> float | None:

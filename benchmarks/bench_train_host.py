@@ -12,7 +12,8 @@ taught question/answer pairs, `--replay` earlier ones, `--anchors` longer genera
 on; `--step-tokens` tokens per optimizer step (0 = one batch a step, the CPU default; 4096 is the GPU's).
 
 Shapes (random weights, seeded; sloth-tiny's byte-level tokenizer): `tiny` = sloth-tiny's shape (2 layers, hidden
-128), `mid` = a CPU-sized Llama (hidden 512, 6 layers, intermediate 1408, 8/4 heads, ~20 M parameters).
+128), `mid` = a CPU-sized Llama (hidden 512, 6 layers, intermediate 1408, 8/4 heads, ~20 M parameters), or the path
+of a model folder. `--device cuda`: the job trains on the GPU on the NF4 base (kernels off), as an update there does.
 
 Each configuration (`before`: `sloth_daemon` from git `--before`, extracted into the work folder; `after`: this tree)
 runs in its own process on the same job, `--repeat` times on one loaded base (the warm trainer's case); per run:
@@ -33,7 +34,6 @@ import pstats
 import random
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +53,8 @@ WORDS = ["amber", "falcon", "cobalt", "zebra", "maple", "onyx", "tulip", "raven"
 
 
 def build_model(shape: str, root: Path) -> Path:
+    if shape not in SHAPES:  # a model folder
+        return Path(shape)
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -107,7 +109,8 @@ def make_job(model: Path, out: Path, args) -> dict:
     return {"base_model": str(model), "output_dir": str(out), "batches": batches, "examples": examples,
             "eval_sets": {"new": [e["id"] for e in new[:64]], "recall": [e["id"] for e in replay[:64]],
                           "anchor": [e["id"] for e in held_anchor[:64]]},
-            "kl_sets": ["anchor"], "learning_rate": 3e-4, "max_seq_len": 512, "device": "cpu", "seed": 0,
+            "kl_sets": ["anchor"], "learning_rate": 3e-4, "max_seq_len": 512, "device": args.device, "seed": 0,
+            "quantize": "nf4" if args.device.startswith("cuda") else "none",
             "pack": True, "step_tokens": args.step_tokens,
             "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                               "up_proj", "down_proj"]}}
@@ -176,16 +179,6 @@ def measure(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The comparison
 # ----------------------------------------------------------------------------------------------------------------
-def checkout(ref: str, dest: Path) -> Path:
-    """`sloth_daemon/` and `kernels/` of git `ref` extracted under `dest` (the folder to put on PYTHONPATH)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / "src.tar"
-    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), ref, "sloth_daemon"], check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
-    return dest
-
-
 def run_config(tree: Path, job: Path, args, profile: Path | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--measure", "--job", str(job),
@@ -212,6 +205,20 @@ def summary(result: dict) -> dict:
     return out
 
 
+def gate_diff(before: dict, after: dict) -> float:
+    """Largest relative difference between two runs' gate figures (each eval set's parent/candidate loss and KL)."""
+    worst = 0.0
+    for name, fig in before.items():
+        for key, x in fig.items():
+            y = after.get(name, {}).get(key)
+            if x is None or y is None:
+                if x != y:
+                    return float("inf")
+                continue
+            worst = max(worst, abs(x - y) / max(abs(x), 1e-6))
+    return worst
+
+
 def fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -221,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--profile", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--shapes", default="tiny,mid")
+    p.add_argument("--shapes", default="tiny,mid", help="tiny, mid, or a model folder (e.g. bench_loop's 8B shape)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (the job then trains on the NF4 base, kernels off)")
     p.add_argument("--configs", default="before,after")
-    p.add_argument("--before", default=BEFORE_REF, help="git ref of the previous code (default %(default)s)")
+    p.add_argument("--before", default=BEFORE_REF, help="git ref of the previous code (default %(default)s), or a folder holding its sloth_daemon/ (where there is no git history)")
     p.add_argument("--new", type=int, default=48, help="new examples (the update's taught pairs)")
     p.add_argument("--replay", type=int, default=48)
     p.add_argument("--anchors", type=int, default=64)
@@ -241,14 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-train-host-"))
     work.mkdir(parents=True, exist_ok=True)
+    from benchmarks.bench_serving import checkout  # `sloth_daemon/` of a git ref, extracted
+
     configs = [c for c in args.configs.split(",") if c]
-    trees = {"before": lambda: checkout(args.before, work / "before"), "after": lambda: ROOT}
+    trees = {"before": lambda: (Path(args.before).resolve() if Path(args.before).is_dir()  # an extracted tree
+                                else checkout(args.before, work / "before")), "after": lambda: ROOT}
     results: dict = {"argv": sys.argv[1:], "before_ref": args.before, "cpu_count": os.cpu_count(),
                      "load_average_start": os.getloadavg(), "shapes": {}}
     lines = ["shape | config | steps | tokens | step s | host s/step | forward | backward | optimizer | host | "
              "gate s | attach s | save s", " | ".join(["---"] * 13)]
     for shape in [s for s in args.shapes.split(",") if s]:
         model = build_model(shape, work)
+        shape = shape if shape in SHAPES else model.name  # a folder: named by its last part
         job = work / f"job-{shape}.json"
         job.write_text(json.dumps(make_job(model, work / f"out-{shape}", args)))
         per = {}
@@ -278,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
             per["after_over_before"] = {k: round(v, 3) for k, v in ratios.items()}
             per["losses_equal"] = same
             per["max_loss_diff"] = diff
+            per["max_gate_rel_diff"] = gate = gate_diff(b["raw"]["runs"][-1]["eval"], a["raw"]["runs"][-1]["eval"])
             lines.append(f"{shape} | after/before | | | {ratios['step']:.3f}x | {ratios['host_per_step']:.3f}x | | | "
-                         f"| | {ratios['gate']:.3f}x | | (losses equal: {same}, max diff {diff:.2e})")
+                         f"| | {ratios['gate']:.3f}x | | (losses equal: {same}, max diff {diff:.2e}; gate figures "
+                         f"max rel diff {gate:.2e})")
             print(lines[-1], flush=True)
         results["shapes"][shape] = per
         if args.out:

@@ -241,7 +241,7 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
         phase("attach")
         scores = {name: EvalScores(parent=None, candidate=None, examples=len(ids), ids=list(ids))
                   for name, ids in job.eval_sets.items()}
-        score_eval_sets(model, tokenizer, job, scores, "parent", collate)
+        score_eval_sets(model, tokenizer, job, scores, "parent")
         phase("eval_before")
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -268,7 +268,7 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
         del opt, steps_in
         phase("train")
 
-        score_eval_sets(model, tokenizer, job, scores, "candidate", collate)
+        score_eval_sets(model, tokenizer, job, scores, "candidate")
         phase("eval_after")
         strategy.save(model, job.output_dir)
         phase("save")
