@@ -153,34 +153,38 @@ async def run_config(name: str, overrides: dict, args, model: Path, anchors: lis
     from sloth_daemon.adapters import AdapterRegistry
     from sloth_daemon.config import load_config
     from sloth_daemon.engine.embedded import EmbeddedEngine
+    from sloth_daemon.store_worker import StoreWorker
     from sloth_daemon.updater import Updater
-    from sloth_replay import ReplayStore
 
     state = work / name
     cfg = load_config(None, env={}, overrides={"state_dir": str(state), "device": args.device,
                                                   **args.overrides, **overrides})
-    store = ReplayStore(cfg.replay_db)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    store = StoreWorker(cfg.replay_db, cfg.state_dir / "turn-journal.jsonl")
     registry = AdapterRegistry(cfg.adapters_dir)
     engine = EmbeddedEngine(model, model_name=model.name, device=args.device)
     await engine.start()
     for prompt, answer in anchors:
-        store.add_anchor(prompt, answer)
+        await store.write(lambda s, p=prompt, a=answer: s.add_anchor(p, a))
     updater = Updater(cfg, store, registry, engine, model)
     updater.ready.set()
     rows: list[dict] = []
 
     async def update(label: str, pairs: list[tuple[str, str]]) -> dict:
         for q, a in pairs:
-            store.add_taught([{"role": "user", "content": q}], a)
+            await store.write(lambda s, q=q, a=a: s.add_taught([{"role": "user", "content": q}], a))
         t0 = time.monotonic()
-        uid = updater.start("bench")
+        uid = await updater.start("bench")
         await updater.wait()
-        u = store.get_update(uid)
+        u = await store.read(lambda s: s.get_update(uid))
+        pending, set_aside = await store.read(lambda s: (s.count_pending(), s.count_set_aside()))
         gate = (u["metrics"].get("gate") or {}).get("checks", [])
+        train = u["metrics"].get("train") or {}
         return {"label": label, "update_id": uid, "verdict": u["status"], "reason": u["reason"],
+                "steps": train.get("steps"), "phases": train.get("phases"),
                 "seconds": round(time.monotonic() - t0, 2), "adapter": u["adapter_version"],
                 "checks": [{k: c.get(k) for k in ("name", "passed", "measured", "bound")} for c in gate],
-                "pending_after": store.count_pending(), "set_aside_after": store.count_set_aside()}
+                "pending_after": pending, "set_aside_after": set_aside}
 
     try:
         for r in range(args.rounds):
@@ -219,6 +223,7 @@ async def run_config(name: str, overrides: dict, args, model: Path, anchors: lis
                 rows.append(await update("poison: garbage answers", garbage))
                 print(_line(name, rows[-1]), flush=True)
     finally:
+        await updater.close()  # the warm trainer process of this configuration
         await engine.stop()
         store.close()
     return {"config": name, "overrides": {**args.overrides, **overrides}, "rows": rows}
@@ -279,7 +284,8 @@ async def amain(args) -> dict:
     from sloth_daemon.engine.embedded import EmbeddedEngine
     from sloth_daemon.config import GateConfig
     from sloth_daemon.gate import heldout_anchors
-    from sloth_replay import ReplayStore, make_example
+    from sloth_daemon.store_worker import StoreWorker
+    from sloth_replay import make_example
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -289,9 +295,9 @@ async def amain(args) -> dict:
         # Anchors once, from the base model, exactly as the daemon makes them at first start.
         engine = EmbeddedEngine(model, model_name=model.name, device=args.device)
         await engine.start()
-        anchor_store = ReplayStore(work / "anchors.db")
+        anchor_store = StoreWorker(work / "anchors.db", work / "anchors-journal.jsonl")
         await ensure_anchors(anchor_store, engine, max_tokens=96, model_path=model)
-        anchors = [(a.prompt, a.answer) for a in anchor_store.anchors()]
+        anchors = [(a.prompt, a.answer) for a in await anchor_store.read(lambda s: s.anchors())]
         anchor_store.close()
         await engine.stop()
 

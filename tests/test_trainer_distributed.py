@@ -75,6 +75,22 @@ def test_two_processes_train_like_one(tiny_model, tmp_path):
     assert set(c1.pop("target_modules")) == set(c2.pop("target_modules")) and c1 == c2  # peft writes a set
 
 
+def test_distilled_anchors_and_weight_decay_train_across_processes_like_in_one(tiny_model, tmp_path):
+    # FACTS[2] as an anchor trained on KL to the base (`trainer/distill.py`): in two processes it lands on process 0
+    # beside a cross-entropy example, and the step's loss is still one mean over all answer tokens.
+    kw = {"distill": [FACTS[2].id], "distill_weight": 2.0, "weight_decay": 1.0}
+    one, _ = train(job(tiny_model, tmp_path / "a1", **kw), tmp_path / "r1", 1)
+    two, ev2 = train(job(tiny_model, tmp_path / "a2", **kw), tmp_path / "r2", 2)
+    plain, _ = train(job(tiny_model, tmp_path / "a3"), tmp_path / "r3", 1)
+    losses = [[e["loss"] for e in ev if e["event"] == "progress"] for ev in (ev2,)]
+    assert two.steps == one.steps == 6
+    assert two.first_loss == pytest.approx(one.first_loss, rel=1e-4)
+    assert two.last_loss == pytest.approx(one.last_loss, rel=1e-4)
+    assert losses[0][0] == pytest.approx(two.first_loss)
+    # A fresh LoRA is the base: the distilled example adds nothing to the first step's loss (its KL is 0).
+    assert one.first_loss < plain.first_loss
+
+
 def test_an_nf4_base_trains_across_processes_like_in_one(tiny_model, tmp_path):
     """The QLoRA-FSDP recipe on CPU: bitsandbytes' NF4 base, its packed 4-bit weights sharded by FSDP2: the same
     losses as one process with the same NF4 base, and it learns (CPU: fp32 compute; bf16 on CUDA)."""

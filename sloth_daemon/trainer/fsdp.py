@@ -39,8 +39,9 @@ import torch.distributed as dist
 
 from ..prompting import IGNORE_INDEX
 from .job import TrainJob, TrainResult
+from .distill import kl_to_base_sum
 from .fsdp_load import HostQuantisation
-from .recipe import Emit, SingleProcess, StepInputs, load_base, train_on
+from .recipe import Emit, SingleProcess, StepInputs, answer_tokens, load_base, train_on
 
 def decoder_layers(model: Any) -> list[Any]:
     """The model's transformer blocks: the classes its `_no_split_modules` names (transformers' own list of the
@@ -57,7 +58,8 @@ class Fsdp(SingleProcess):
 
     reuses_base = False
 
-    def __init__(self, rank: int, world: int, device: torch.device):
+    def __init__(self, rank: int, world: int, device: torch.device, distill_weight: float = 1.0):
+        super().__init__(distill_weight)
         self.rank, self.world, self.device = rank, world, device
         self.processes = world
 
@@ -81,10 +83,14 @@ class Fsdp(SingleProcess):
         return StepInputs(tokenizer, job, device, rank=self.rank, world=self.world)
 
     def backward(self, model: Any, batch: dict, tokens: int) -> tuple[float, int]:
-        counts = torch.tensor([float((batch["labels"][..., 1:] != IGNORE_INDEX).sum()), float(tokens)],
-                              device=self.device)
+        distill = batch.pop("distill", None)  # anchors trained on KL to the base (`distill.py`)
+        answer = answer_tokens(batch) + (answer_tokens(distill) if distill is not None else 0)
+        counts = torch.tensor([float(answer), float(tokens)], device=self.device)
         dist.all_reduce(counts)  # [answer tokens of the whole step, tokens of the whole step]
         loss = model(**batch, num_items_in_batch=counts[0]).loss  # this share's summed loss / the step's count
+        if distill is not None:
+            kl, _ = kl_to_base_sum(model, distill)
+            loss = loss + self.distill_weight * kl / counts[0]
         (loss * self.world).backward()  # FSDP averages gradients over the processes
         total = loss.detach().clone()
         dist.all_reduce(total)
@@ -135,7 +141,7 @@ def run(job: TrainJob, emit: Emit) -> TrainResult | None:
         base, tokenizer = load_on_host(job, device, rank, world, out)
         phases = {"load": round(time.monotonic() - started, 4)}
         out({"event": "phase", "phase": "load", "time": time.time()})
-        result, _ = train_on(base, tokenizer, job, out, phases=phases, strategy=Fsdp(rank, world, device))
+        result, _ = train_on(base, tokenizer, job, out, phases=phases, strategy=Fsdp(rank, world, device, job.distill_weight))
         if kernels:
             result.kernels = "off under FSDP"
         result.device = "cuda" if cuda else "cpu"

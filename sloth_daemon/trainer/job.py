@@ -51,6 +51,9 @@ class TrainJob(BaseModel):
     seed: int = 0
     pack: bool = False                     # pack each step's examples into rows of max_seq_len tokens (packing.py)
     step_tokens: int = 0                   # with pack: merge consecutive batches into steps of about this many tokens
+    distill: list[str] = []                # example ids (anchors) trained on KL to the base, not their answer (distill.py)
+    weight_decay: float = 0.0             # AdamW's decoupled decay of the LoRA weights toward zero (the base)
+    distill_weight: float = 1.0            # weight of those examples' KL tokens against the cross-entropy tokens
 
     @model_validator(mode="before")
     @classmethod

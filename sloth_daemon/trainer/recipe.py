@@ -2,7 +2,9 @@
 
 Steps: load the base (4-bit NF4 through bitsandbytes when `job.quantize == "nf4"`), attach LoRA (continuing from the
 parent adapter when there is one), optionally patch in `sloth_kernels`, score the eval sets (`scoring.py`), train one optimizer step per prepared batch (loss on answer tokens only; with `job.pack`
-the batch's examples are packed into rows, and `job.step_tokens` merges consecutive batches into one step), score
+the batch's examples are packed into rows, and `job.step_tokens` merges consecutive batches into one step; the
+examples in `job.distill`, the anchors, are trained on KL to the base instead, `distill.py`; AdamW's weight decay,
+`job.weight_decay`, pulls the LoRA weights toward zero, i.e. the model toward its base), score
 the eval sets again, save the adapter into `job.output_dir`, and take the LoRA layers out of the base again
 (`train_on`, which a warm trainer calls on its resident base; `run` loads the base first). Progress goes through
 `emit`; the caller (the child process entry) prints it: `progress` per step, `phase` (with a wall-clock `time`) at
@@ -23,6 +25,7 @@ from ..chat_template import apply_chat_format
 from ..nf4 import keep_plain_layout
 from ..prompting import IGNORE_INDEX, ChatTemplateError, check_example, encode_example
 from .job import EvalScores, TrainExample, TrainJob, TrainResult
+from .distill import kl_to_base_sum
 from .packing import pack
 from .scoring import score_eval_sets
 
@@ -134,11 +137,13 @@ class StepInputs:
         encoded = {i: encode_example(tokenizer, e.kind, e.prompt, e.answer, job.max_seq_len,
                                   e.tools, e.tool_calls)
                    for i, e in job.examples.items()}
-        self.groups: list[list[tuple[list[int], list[int]]]] = []
+        distill = set(job.distill)
+        # Each step's (encoded example, trained by distillation toward the base) pairs.
+        self.groups: list[list[tuple[tuple[list[int], list[int]], bool]]] = []
         tokens = 0
         for ids in (b for b in job.batches if b):  # a batch drop_unrenderable emptied has no step
-            pairs = [encoded[i] for i in ids]
-            n = sum(len(p) for p, _ in pairs)
+            pairs = [(encoded[i], i in distill) for i in ids]
+            n = sum(len(p) for (p, _), _ in pairs)
             if job.pack and self.groups and job.step_tokens > 0 and tokens + n <= job.step_tokens:
                 self.groups[-1].extend(pairs)
                 tokens += n
@@ -149,20 +154,33 @@ class StepInputs:
     def __len__(self) -> int:
         return len(self.groups)
 
+    def _inputs(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[dict, int]:
+        if not self.job.pack:
+            batch = collate_encoded(pairs, self.pad, self.device)
+            return batch, int(batch["attention_mask"].sum())
+        packed = pack(pairs, self.job.max_seq_len, self.pad)
+        return ({k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in packed.model_inputs().items()},
+                packed.tokens)
+
     def __iter__(self):
-        for pairs in self.groups:
+        """(model inputs, tokens) per step. Examples in `job.distill` go into a separate batch of their own under
+        the key "distill" (their loss is KL to the base, `distill.py`); the others are the batch itself."""
+        for group in self.groups:
             if self.world > 1:  # this process's share; one left without examples runs one ignored pad token
-                pairs = pairs[self.rank::self.world]
-                if not pairs:
-                    yield collate_encoded([([self.pad], [IGNORE_INDEX])], self.pad, self.device), 0
-                    continue
-            if not self.job.pack:
-                batch = collate_encoded(pairs, self.pad, self.device)
-                yield batch, int(batch["attention_mask"].sum())
-                continue
-            packed = pack(pairs, self.job.max_seq_len, self.pad)
-            yield ({k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in packed.model_inputs().items()},
-                   packed.tokens)
+                group = group[self.rank::self.world]
+            plain = [p for p, d in group if not d]
+            kl = [p for p, d in group if d]
+            batch, tokens = (self._inputs(plain) if plain else
+                             (collate_encoded([([self.pad], [IGNORE_INDEX])], self.pad, self.device), 0))
+            if kl:
+                batch["distill"], more = self._inputs(kl)
+                tokens += more
+            yield batch, tokens
+
+
+def answer_tokens(batch: dict) -> int:
+    """Label positions a causal-LM loss scores in `batch` (labels shifted by one, as the loss shifts them)."""
+    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
 
 
 def step_inputs(tokenizer: Any, job: TrainJob, device: torch.device) -> StepInputs:
@@ -181,6 +199,9 @@ class SingleProcess:
     processes = 1
     reuses_base = True
 
+    def __init__(self, distill_weight: float = 1.0):
+        self.distill_weight = distill_weight  # an anchor token's KL to the base against a token's cross-entropy
+
     def wrap(self, model: Any) -> Any:
         return model
 
@@ -188,7 +209,14 @@ class SingleProcess:
         return step_inputs(tokenizer, job, device)
 
     def backward(self, model: Any, batch: dict, tokens: int) -> tuple[float, int]:
-        loss = model(**batch).loss
+        distill = batch.pop("distill", None)
+        if distill is None:
+            loss = model(**batch).loss
+        else:  # mean over all answer tokens: cross-entropy on the plain ones, weighted KL to the base on the others
+            n_ce = answer_tokens(batch)
+            kl, n_kl = kl_to_base_sum(model, distill)
+            ce = model(**batch).loss * n_ce if n_ce else kl.new_zeros(())
+            loss = (ce + self.distill_weight * kl) / max(1, n_ce + n_kl)
         loss.backward()
         return loss.item(), tokens
 
@@ -214,7 +242,7 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
     """Run `job` on an already loaded base model; return the result and the base model with the LoRA layers taken
     out again (for the next job of a warm trainer), or None when they could not be taken out (or `strategy` does not
     reuse its base: a distributed update)."""
-    strategy = strategy or SingleProcess()
+    strategy = strategy or SingleProcess(job.distill_weight)
     phases = {} if phases is None else phases
     clock = time.monotonic()
 
@@ -245,7 +273,7 @@ def train_on(base: Any, tokenizer: Any, job: TrainJob, emit: Emit, *, warm: bool
         phase("eval_before")
 
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=job.weight_decay)
         steps = len(steps_in)
         warmup = max(1, min(10, steps // 10))
         # Linear warm-up, then cosine decay to 10%: short updates need the full rate early and a calm finish.
