@@ -101,7 +101,7 @@ class MixConfig(_Section):
     """Share of each batch drawn from new, replayed and anchor examples (normalised)."""
 
     new: float = Field(0.4, ge=0)
-    replay: float = Field(0.3, ge=0)
+    replay: float = Field(0.4, ge=0)
     anchor: float = Field(0.4, ge=0)
 
     @model_validator(mode="after")

@@ -85,10 +85,15 @@ class Fsdp(SingleProcess):
     def backward(self, model: Any, batch: dict, tokens: int) -> tuple[float, int]:
         distill = batch.pop("distill", None)  # anchors trained on KL to the base (`distill.py`)
         answer = answer_tokens(batch) + (answer_tokens(distill) if distill is not None else 0)
-        counts = torch.tensor([float(answer), float(tokens)], device=self.device)
-        dist.all_reduce(counts)  # [answer tokens of the whole step, tokens of the whole step]
+        counts = torch.tensor([float(answer), float(tokens), float(distill is not None)], device=self.device)
+        dist.all_reduce(counts)  # [answer tokens of the whole step, tokens of the whole step, processes distilling]
         loss = model(**batch, num_items_in_batch=counts[0]).loss  # this share's summed loss / the step's count
-        if distill is not None:
+        if counts[2] > 0:
+            # Every process runs the same forwards (FSDP gathers each layer's shards in all of them): one whose share
+            # holds no anchor distils a pad token whose label is ignored (KL 0, no gradient).
+            if distill is None:
+                distill = {"input_ids": batch["input_ids"][:1, :1], "labels": torch.full_like(
+                    batch["input_ids"][:1, :1], IGNORE_INDEX)}
             kl, _ = kl_to_base_sum(model, distill)
             loss = loss + self.distill_weight * kl / counts[0]
         (loss * self.world).backward()  # FSDP averages gradients over the processes
