@@ -54,7 +54,7 @@ def test_kl_is_zero_for_a_fresh_lora_and_matches_the_gates_measure(tiny):
     assert abs(kl.item()) < 1e-6  # LoRA B starts at zero: the model is the base
     _drift(model)
     kl, n = kl_to_base_sum(model, batch)
-    scores = score_examples(model, tokenizer, examples, collate, 128, torch.device("cpu"), kl_to_base=True)
+    scores = score_examples(model, tokenizer, examples, 128, torch.device("cpu"), kl_to_base=True)
     expected = sum(s.kl * s.tokens for s in scores)  # the gate's per-token KL, summed over the same tokens
     assert kl.item() > 1e-3
     assert kl.item() == pytest.approx(expected, rel=1e-4)
