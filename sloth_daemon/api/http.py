@@ -1,6 +1,7 @@
 """The HTTP front end (FastAPI): OpenAI-compatible serving plus the daemon's own endpoints under `/sloth/`.
 
-OpenAI-compatible: `GET /v1/models[/{model}]`, `POST /v1/chat/completions`, `POST /v1/completions` (both with SSE streaming).
+OpenAI-compatible: `GET /v1/models[/{model}]`, `POST /v1/chat/completions`, `POST /v1/completions` (both with SSE
+streaming).
 Daemon: `POST /sloth/feedback`, `POST /sloth/teach`, `POST /sloth/import` (datasets), `GET /sloth/status`,
 `POST /sloth/updates` (trigger), `GET /sloth/updates[/{id}]`, `GET /sloth/adapters`, `POST /sloth/adapters/rollback`,
 `GET /sloth/interactions`, `GET /sloth/examples/set-aside`, `POST /sloth/examples/requeue`, `POST /sloth/forget`,

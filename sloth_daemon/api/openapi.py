@@ -29,6 +29,7 @@ STATUS_TEXT = {
 RETRY_AFTER = {409, 429, 503}
 STREAMING = {("post", "/v1/chat/completions"), ("post", "/v1/completions")}
 ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
+    ("get", "/v1/models/{model}"): {404},
     ("post", "/v1/chat/completions"): {404, 409, 429, 503},
     ("post", "/v1/completions"): {404, 409, 429, 503},
     ("post", "/sloth/feedback"): {404, 503},
