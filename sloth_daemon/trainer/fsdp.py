@@ -146,7 +146,8 @@ def run(job: TrainJob, emit: Emit) -> TrainResult | None:
         base, tokenizer = load_on_host(job, device, rank, world, out)
         phases = {"load": round(time.monotonic() - started, 4)}
         out({"event": "phase", "phase": "load", "time": time.time()})
-        result, _ = train_on(base, tokenizer, job, out, phases=phases, strategy=Fsdp(rank, world, device, job.distill_weight))
+        result, _ = train_on(base, tokenizer, job, out, phases=phases,
+                             strategy=Fsdp(rank, world, device, job.distill_weight))
         if kernels:
             result.kernels = "off under FSDP"
         result.device = "cuda" if cuda else "cpu"

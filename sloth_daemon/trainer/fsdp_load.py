@@ -4,8 +4,9 @@ Why this exists: the FSDP trainer loads the base on the host (no GPU may hold th
 then quantises every linear weight there, with bitsandbytes' CPU path (`torch.bucketize` over every element) in a
 process torchrun started with one OpenMP thread, in every process at once. On the 8B shape that cost ~1.2 s per
 weight, ~270 s for a process's 224 weights (docs/gpu-notes.md, run 21, cut at 170 s halfway, and session 7; the
-one-process recipe quantises on its GPU and loads in 13 s). transformers and bitsandbytes offer no "quantise there, keep it here" option, so this module
-changes only where bitsandbytes' `Params4bit._quantize` runs, for the duration of one load:
+one-process recipe quantises on its GPU and loads in 13 s). transformers and bitsandbytes offer no "quantise there,
+keep it here" option, so this module changes only where bitsandbytes' `Params4bit._quantize` runs, for the duration
+of one load:
 
 - `device` CUDA: each weight is quantised on this process's GPU (as the one-process recipe does) and its packed
   4-bit data and quantisation state are moved back to the host at once, so a GPU holds one full-precision weight

@@ -24,6 +24,7 @@ import torch
 from ..chat_template import apply_chat_format
 from ..nf4 import keep_plain_layout
 from ..prompting import IGNORE_INDEX, ChatTemplateError, check_example, encode_example
+from .collate import collate_encoded, pad_id
 from .job import EvalScores, TrainExample, TrainJob, TrainResult
 from .distill import kl_to_base_sum
 from .packing import pack
@@ -101,24 +102,7 @@ def collate(tokenizer: Any, examples: list[TrainExample], max_len: int, device: 
     """`examples` as one right-padded batch: input_ids, labels (-100 on prompt and padding) and attention_mask,
     each int64 of shape (len(examples), longest example in tokens, at most `max_len`), on `device`."""
     pairs = [encode_example(tokenizer, e.kind, e.prompt, e.answer, max_len, e.tools, e.tool_calls) for e in examples]
-    return collate_encoded(pairs, _pad_id(tokenizer), device)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
-def collate_encoded(pairs: list[tuple[list[int], list[int]]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Already encoded (input ids, labels) pairs as one right-padded batch (see `collate`)."""
-    width = max(len(ids) for ids, _ in pairs)
-    input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(pairs):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    return collate_encoded(pairs, pad_id(tokenizer), device)
 
 
 class StepInputs:
@@ -132,7 +116,7 @@ class StepInputs:
     """
 
     def __init__(self, tokenizer: Any, job: TrainJob, device: torch.device, rank: int = 0, world: int = 1):
-        self.pad, self.device, self.job = _pad_id(tokenizer), device, job
+        self.pad, self.device, self.job = pad_id(tokenizer), device, job
         self.rank, self.world = rank, world  # a distributed update: this process takes every world-th example
         encoded = {i: encode_example(tokenizer, e.kind, e.prompt, e.answer, job.max_seq_len,
                                   e.tools, e.tool_calls)

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel
 
 from ..prompting import IGNORE_INDEX, encode_example
+from .collate import collate_encoded, pad_id
 from .job import EvalScores, TrainJob
 
 BATCH_TOKENS = 4096  # padded tokens per forward: the worst case of the 8-example batches of 512 tokens before
@@ -69,22 +70,15 @@ def score_examples(model: Any, tokenizer: Any, examples: list[Any], max_len: int
         return []
     encoded = [encode_example(tokenizer, e.kind, e.prompt, e.answer, max_len, getattr(e, "tools", None),
                               getattr(e, "tool_calls", None)) for e in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, len(examples), dtype=torch.float64)  # per example: nll, scored tokens, misses, kl
     try:
         for batch in length_batches([len(ids) for ids, _ in encoded], batch_tokens):
-            width = len(encoded[batch[0]][0])
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                n = len(encoded[i][0])
-                ids[row, :n], labels[row, :n], mask[row, :n] = (torch.tensor(encoded[i][0]),
-                                                               torch.tensor(encoded[i][1]), 1)
-            ids, mask = ids.to(device), mask.to(device)
-            targets = labels[:, 1:].to(device)                           # [B, T-1]: label t+1 is predicted at t
+            padded = collate_encoded([encoded[i] for i in batch], pad, device)
+            ids, mask = padded["input_ids"], padded["attention_mask"]
+            targets = padded["labels"][:, 1:]                            # [B, T-1]: label t+1 is predicted at t
             scored = targets != IGNORE_INDEX
             who = torch.tensor(batch, device=device).unsqueeze(1).expand_as(targets)[scored]  # [N] example index
             tgt = targets[scored]                                        # [N]
