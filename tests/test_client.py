@@ -151,7 +151,10 @@ class ScriptedRouter:
     """A ROUTER that ignores the first `drop` requests and answers the rest, recording who sent what."""
 
     def __init__(self, drop: int):
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        # Its own context: close() terms it, which returns only once the listener is really gone (a socket's
+        # close is finished later by ZeroMQ's I/O thread, so a connect right after close() could still succeed).
+        self._ctx = zmq.Context()
+        self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.address = f"tcp://127.0.0.1:{port}"
@@ -176,6 +179,7 @@ class ScriptedRouter:
         self._stop.set()
         self._thread.join()
         self.sock.close(linger=0)
+        self._ctx.term()
 
 
 def test_timeouts_reconnect_and_retry_only_idempotent_ops():
