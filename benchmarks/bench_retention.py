@@ -184,7 +184,8 @@ async def run_config(name: str, overrides: dict, args, model: Path, anchors: lis
                 "steps": train.get("steps"), "phases": train.get("phases"),
                 "seconds": round(time.monotonic() - t0, 2), "adapter": u["adapter_version"],
                 "checks": [{k: c.get(k) for k in ("name", "passed", "measured", "bound")} for c in gate],
-                "pending_after": pending, "set_aside_after": set_aside}
+                "pending_after": pending, "set_aside_after": set_aside,
+                "anchor_eval": (u["metrics"].get("eval") or {}).get("anchor")}
 
     try:
         for r in range(args.rounds):

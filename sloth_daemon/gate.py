@@ -18,6 +18,12 @@ measurement, its bound and its result:
 - anchor_kl_rise: that KL minus the parent's <= `max_anchor_kl_rise`: one update may move general behaviour only so
                 far (the cumulative bound alone lets one bad update spend what many good ones would; garbage answers
                 to general prompts are caught by their jump, bench_retention's poisoned round).
+- anchor_kl_median_rise: the median over held-out anchors of each one's KL rise (candidate minus parent) <=
+                `max_anchor_kl_median_rise`: how far the *typical* general prompt moved. An update of a few facts
+                moves the one or two probes near what it taught and leaves the rest (median rise 0.000-0.006 on
+                sloth-tiny), while garbage answers to general prompts, or training without anchors, move most of them
+                (0.014-0.02, bench_retention); the mean alone mixes the two, as one sensitive probe can rise as much as
+                many drifting ones. The anchors that rose more than the bound are listed.
 - anchor_answers, recall_answers: of the held-out anchors (the base's own greedy answers) and of a sample of earlier
                 learnt examples, those the parent answered exactly under greedy decoding and the candidate no longer
                 does: at most `max_anchor_answers_lost` / `max_answers_lost` of them (a share, rounded down).
@@ -35,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import statistics
 from typing import Any
 
 from pydantic import BaseModel
@@ -207,6 +214,29 @@ def _kl_rise(s: EvalScores | None, bound: float) -> Check:
                         f"bound {bound:.4f})")
 
 
+def _kl_median_rise(s: EvalScores | None, bound: float) -> Check:
+    name = "anchor_kl_median_rise"
+    if s is None or s.examples == 0:
+        return _skip(name, "no held-out anchors: skipped")
+    if len(s.candidate_kls) != s.examples or s.parent_kls and len(s.parent_kls) != s.examples:
+        return Check(name=name, passed=False, examples=s.examples,
+                     detail="per-anchor KL to the base on held-out anchors was not measured")
+    parent = s.parent_kls or [0.0] * s.examples  # a fresh LoRA is the base: KL 0
+    rises = [c - p for c, p in zip(s.candidate_kls, parent)]
+    if not _finite(*rises):
+        return Check(name=name, passed=False, examples=s.examples, detail=f"non-finite per-anchor KL ({rises})")
+    median = statistics.median(rises)
+    ok = median <= bound
+    moved = [s.ids[i] if i < len(s.ids) else str(i) for i in sorted(range(len(rises)), key=lambda i: -rises[i])
+             if rises[i] > bound]
+    return Check(name=name, passed=ok, measured=median, bound=bound, examples=s.examples, failing=moved,
+                 detail=f"median per-anchor KL(base || model) rise on {s.examples} held-out anchors +{median:.4f} "
+                        f"nats/token ({'within' if ok else 'above'} bound {bound:.4f}); {len(moved)} of "
+                        f"{s.examples} rose more than the bound"
+                        + ("" if ok else ": the update moved general behaviour broadly, not only near what it "
+                                          "taught (garbage or off-topic answers, or too few anchors in the mix)"))
+
+
 def judge(scores: dict[str, EvalScores], cfg: GateConfig, *, heldout_note: str | None = None,
           rebuild: bool = False) -> Verdict:
     """The verdict on a candidate from its eval scores (sets "new", "new_heldout", "anchor", "recall", and
@@ -238,8 +268,11 @@ def judge(scores: dict[str, EvalScores], cfg: GateConfig, *, heldout_note: str |
     checks.append(_kl("anchor_kl", anchor, "held-out anchors", cfg.max_anchor_kl))
     if rebuild:  # a fresh LoRA: its rise from the base is all that was learnt, which anchor_kl bounds
         checks.append(_skip("anchor_kl_rise", "a rebuild starts from the base model: judged by anchor_kl alone"))
+        checks.append(_skip("anchor_kl_median_rise", "a rebuild starts from the base model: judged by anchor_kl "
+                                                     "alone"))
     else:
         checks.append(_kl_rise(anchor, cfg.max_anchor_kl_rise))
+        checks.append(_kl_median_rise(anchor, cfg.max_anchor_kl_median_rise))
     checks.append(_answers_lost("anchor_answers", anchor, "held-out anchors", cfg.max_anchor_answers_lost))
     recall = scores.get("recall")
     checks.append(_answers_lost("recall_answers", recall, "earlier learnt examples", cfg.max_answers_lost))

@@ -111,7 +111,8 @@ class EvalScores(BaseModel):
 
     `parent`/`candidate`: token-weighted mean answer-token loss (nats/token); the lists hold per-example values
     in the order of `ids` (`trainer.scoring`: loss, greedy exactness); `*_kl`: mean over examples of the
-    per-token KL(base || model) in nats, for sets named in `TrainJob.kl_sets` only."""
+    per-token KL(base || model) in nats, for sets named in `TrainJob.kl_sets` only, and `*_kls` that KL per example
+    (empty where not measured: a model without adapters is the base, KL 0)."""
 
     parent: float | None
     candidate: float | None
@@ -123,6 +124,8 @@ class EvalScores(BaseModel):
     candidate_exact: list[bool] = []
     parent_kl: float | None = None
     candidate_kl: float | None = None
+    parent_kls: list[float] = []
+    candidate_kls: list[float] = []
 
 
 class TrainResult(BaseModel):

@@ -124,3 +124,4 @@ def score_eval_sets(model: Any, tokenizer: Any, job: TrainJob, scores: dict[str,
         setattr(scores[name], f"{which}_losses", [p.loss for p in per[name]])
         setattr(scores[name], f"{which}_exact", [p.exact for p in per[name]])
         setattr(scores[name], f"{which}_kl", sum(kls) / len(kls) if kls else None)
+        setattr(scores[name], f"{which}_kls", kls if len(kls) == len(per[name]) else [])
