@@ -172,7 +172,7 @@ def cmd_train_now(args: argparse.Namespace) -> None:
         err_console.print(f"stopped waiting; update {update_id} goes on in the daemon "
                           "(follow it with `sloth-daemon status`)", highlight=False)
         sys.exit(EXIT_INTERRUPTED)
-    if u["status"] == "failed":
+    if u["status"] in ("failed", "rejected"):  # a script waiting on an update learns that nothing new is served
         sys.exit(EXIT_FAILED)
 
 

@@ -92,7 +92,8 @@ def checks_table(update: dict) -> Table | None:
 
     for c in gate["checks"]:
         t.add_row(c["name"], num(c.get("measured")), num(c.get("bound")),
-                  "[green]pass[/]" if c["passed"] else "[red]FAIL[/]", c["detail"][:100])
+                  "[green]pass[/]" if c["passed"] else "[red]FAIL[/]", c["detail"])  # wrapped, never cut: the
+        # end of a detail is often the part that says what to change
     return t
 
 

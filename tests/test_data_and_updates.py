@@ -164,9 +164,9 @@ def test_ctrl_c_stops_waiting_and_the_update_goes_on(daemon, http):
 def test_train_now_wait_for_people_shows_the_bar_then_the_gates_checks(daemon, http):
     http.post("/sloth/teach", json={"examples": [{"prompt": "Where is the ladder?", "answer": "In the shed."}]})
     r = cli("train-now", "--wait", "--url", daemon.url, timeout=900)
-    assert r.returncode == 0, r.stderr
     update_id = int(re.search(r"update (\d+) started", r.stdout).group(1))
     done = http.get(f"/sloth/updates/{update_id}").json()
+    assert r.returncode == (0 if done["status"] == "promoted" else 1), (done["status"], r.stderr)  # 1: refused
     assert f"update {update_id}: {done['status']}" in r.stdout
     assert re.search(r"step 12/12 +loss \d+\.\d{4} +[\d,]+ tok/s +ETA", r.stdout), r.stdout  # the bar, at its end
     assert f"gate of update {update_id}" in r.stdout

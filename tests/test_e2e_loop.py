@@ -62,7 +62,7 @@ def test_whole_loop_survives_restart(state_dir):
             assert status["pending_examples"] == 0 and status["set_aside_examples"] == 0
             # every gate check is in status with its measurement and bound, judged on data it did not train on
             checks = {c["name"]: c for c in status["recent_updates"][0]["metrics"]["gate"]["checks"]}
-            assert {"new", "new_heldout", "anchor_loss", "anchor_kl", "anchor_kl_rise", "anchor_answers",
+            assert {"new", "new_heldout", "anchor_loss", "anchor_kl", "anchor_kl_rise", "anchor_kl_median_rise", "anchor_answers",
                     "recall_answers", "recall_loss"} == set(checks)
             assert checks["anchor_kl"]["passed"] and 0 <= checks["anchor_kl"]["measured"] <= checks["anchor_kl"]["bound"]
             assert checks["anchor_kl"]["examples"] > 0 and "not held out: only 4" in checks["new_heldout"]["detail"]
